@@ -34,9 +34,9 @@ class RolloutSettings:
       m: student samples per teaching.
       group_size: G, teacher samples per problem (all on the same probe).
       max_probe_tokens: token budget of the student's probe (pass 1).
-      max_teaching_tokens: teaching budget in teacher tokens; the text inside <teaching> is cut to it
-        before the student sees it, and ``eff`` = 1 − L_teach / max_teaching_tokens by default.
-      max_teacher_tokens: generation cap of the teacher completion (thinking + teaching).
+      max_teaching_tokens: token budget of each teacher completion (thinking + teaching); the default
+        ``eff`` = 1 − L_teach / max_teaching_tokens with L_teach the teaching length in teacher tokens.
+      max_prompt_tokens: longest teacher prompt accepted (teacher tokens); longer is an error.
       max_student_tokens: generation cap of baseline and taught student answers.
       student_temperature: sampling temperature of baseline and taught answers (the same for both so
         p0 and p1 are comparable).
@@ -57,8 +57,8 @@ class RolloutSettings:
     m: int = 4
     group_size: int = 4
     max_probe_tokens: int = 50
-    max_teaching_tokens: int = 256
-    max_teacher_tokens: int = 512
+    max_teaching_tokens: int = 512
+    max_prompt_tokens: int = 1024
     max_student_tokens: int = 256
     student_temperature: float = 0.7
     probe_temperature: float = 0.0
@@ -76,7 +76,7 @@ class RolloutSettings:
         for name in ("k", "m", "group_size", "max_probe_tokens", "max_teaching_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RolloutSettings.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_teacher_tokens", "max_student_tokens"):
+        for name in ("max_prompt_tokens", "max_student_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RolloutSettings.{name} must be >= 1, got {getattr(self, name)}")
         if self.missing_teaching not in MISSING_TEACHING_RULES:
@@ -137,9 +137,9 @@ class Episode:
       teacher_logprobs: sampler log-prob of each completion token.
       teacher_finish_reason: "stop" or "length".
       teacher_text: the decoded teacher completion (including any <thinking>).
-      teaching: the text shown to the student (extracted, thinking removed, cut to the budget).
+      teaching: the text shown to the student (extracted from <teaching>, thinking removed).
       teaching_tag_found: the completion contained a <teaching> tag.
-      teaching_tokens: length of the teaching in teacher tokens (before cutting to the budget).
+      teaching_tokens: length of the teaching in teacher tokens.
       leaked: the teaching contains the normalised ground truth.
       taught: the m student samples with this teaching.
       p1: pass rate of ``taught``.

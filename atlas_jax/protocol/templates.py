@@ -2,10 +2,13 @@
 
 Four templates (our own words; all configurable):
 
-- ``student_baseline``  the student answers alone.               placeholders: {problem}
-- ``student_probe``     the student sketches its approach (pass 1). placeholders: {problem}
-- ``teacher``           the teacher reads problem + probe (pass 2). placeholders: {problem}, {probe}
-- ``student_taught``    the student answers with the teaching.    placeholders: {problem}, {teaching}
+- ``student_baseline``  the student answers alone.                placeholders: {question}
+- ``student_probe``     the student sketches its approach (pass 1). placeholders: {question}
+- ``teacher``           the teacher reads question + probe (pass 2). placeholders: {question}, {approach}
+- ``student_taught``    the student answers with the teaching.     placeholders: {question}, {teaching}
+                                                                   (and optionally {approach})
+
+``{approach}`` is the student's probe text.
 
 Filling is a single regex pass that replaces only the known ``{name}`` placeholders; every other
 brace (``\\boxed{}``, JSON, LaTeX in the template or in the inserted problem text) is kept literally,
@@ -23,41 +26,41 @@ import dataclasses
 import re
 from typing import Any
 
-PLACEHOLDERS = ("problem", "probe", "teaching")
-_PLACEHOLDER_RE = re.compile(r"\{(problem|probe|teaching)\}")
+PLACEHOLDERS = ("question", "approach", "teaching")
+_PLACEHOLDER_RE = re.compile(r"\{(question|approach|teaching)\}")
 
 DEFAULT_STUDENT_BASELINE = (
     "Solve the following problem. Think briefly, then give the final answer as \\boxed{answer}.\n\n"
-    "Problem: {problem}\n"
+    "Problem: {question}\n"
 )
 DEFAULT_STUDENT_PROBE = (
     "Here is a problem. Do not solve it yet. In one or two sentences, say how you would approach it "
-    "and what you find hard about it.\n\nProblem: {problem}\n\nMy approach:"
+    "and what you find hard about it.\n\nProblem: {question}\n\nMy approach:"
 )
 DEFAULT_TEACHER = (
     "You are a teacher helping a student with a problem. Read the problem and the student's plan. "
     "You may reason privately inside <thinking>...</thinking>; the student never sees it. Then write "
     "short guidance for the student inside <teaching>...</teaching>. Point out the key idea or the "
     "mistake in the plan; do not state the final answer.\n\n"
-    "Problem: {problem}\n\nStudent's plan: {probe}\n"
+    "Problem: {question}\n\nStudent's plan: {approach}\n"
 )
 DEFAULT_STUDENT_TAUGHT = (
     "Solve the following problem. A teacher has given you some guidance. Think briefly, then give "
-    "the final answer as \\boxed{answer}.\n\nProblem: {problem}\n\nTeacher's guidance: {teaching}\n"
+    "the final answer as \\boxed{answer}.\n\nProblem: {question}\n\nTeacher's guidance: {teaching}\n"
 )
 
 # Which placeholders each template needs, and which it may use.
 _REQUIRED = {
-    "student_baseline": ("problem",),
-    "student_probe": ("problem",),
-    "teacher": ("problem", "probe"),
-    "student_taught": ("problem", "teaching"),
+    "student_baseline": ("question",),
+    "student_probe": ("question",),
+    "teacher": ("question", "approach"),
+    "student_taught": ("question", "teaching"),
 }
 _ALLOWED = {
-    "student_baseline": ("problem",),
-    "student_probe": ("problem",),
-    "teacher": ("problem", "probe"),
-    "student_taught": ("problem", "probe", "teaching"),
+    "student_baseline": ("question",),
+    "student_probe": ("question",),
+    "teacher": ("question", "approach"),
+    "student_taught": ("question", "approach", "teaching"),
 }
 
 

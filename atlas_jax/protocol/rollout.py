@@ -1,0 +1,216 @@
+"""The two-pass rollout: problems in, ``RolloutBatch`` (see ``protocol/batch.py``) out.
+
+Phases, each one batched ``Engine.generate`` call:
+1. baseline: k student samples per problem without teaching, only for problems not yet in the cache
+   (the student is frozen, so p0 is computed once per problem id for the life of the object);
+2. probe (pass 1): one student sample per problem, at most ``max_probe_tokens`` tokens;
+3. teacher (pass 2): G samples per problem, all conditioned on the same prompt (problem + probe). The
+   prompt is tokenised here with the teacher tokenizer and passed as ids, so the ids stored in each
+   ``Episode`` are exactly what the teacher was conditioned on;
+4. teaching extraction (``protocol/teaching.py``): thinking never reaches the student;
+5. taught: m student samples per teaching (P·G prompts in one call);
+6. rewards (``atlas_jax.rewards``): Δ = p1 − p0, efficiency bonus, leak check, reward terms.
+Student and teacher engines may be different engines with different tokenizers: student prompts are
+text (tokenised by the student engine), teacher prompts are teacher-token ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from atlas_jax.data.rl import Problem
+from atlas_jax.engines.base import Completion, Engine, SamplingParams
+from atlas_jax.protocol.answers import AnswerChecker, contains_answer
+from atlas_jax.protocol.batch import Episode, ProblemGroup, RolloutBatch, RolloutSettings, StudentSamples
+from atlas_jax.protocol.teaching import extract_teaching
+from atlas_jax.protocol.templates import fill, render
+from atlas_jax.rewards import RewardInputs, efficiency_bonus, get_reward
+
+# Phase offsets mixed into the sampling seed so phases and steps draw different random numbers.
+_PHASE_BASELINE, _PHASE_PROBE, _PHASE_TEACHER, _PHASE_TAUGHT = range(4)
+
+
+class TwoPassRollout:
+    """Runs the protocol for batches of problems with a frozen student and a teacher policy.
+
+    Holds only the engines, the settings and the per-problem baseline cache.
+    """
+
+    def __init__(self, student: Engine, teacher: Engine, settings: RolloutSettings) -> None:
+        self.student = student
+        self.teacher = teacher
+        self.settings = settings
+        self.checker = AnswerChecker(settings.answer_extractor, settings.verifier)
+        self.reward_fn = get_reward(settings.reward)
+        self.baseline_cache: dict[str, StudentSamples] = {}
+        self.num_baseline_calls = 0
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _seed(self, step: int, phase: int) -> int:
+        return (self.settings.seed * 1_000_003 + step * 16 + phase) % (2**31 - 1)
+
+    def _student_prompt(self, template: str, **values: str) -> str:
+        t = self.settings.templates
+        return render(
+            fill(template, **values),
+            tokenizer=self.student.tokenizer,
+            chat=t.student_chat,
+            system=t.student_system,
+        )
+
+    def _score(self, prompt: str, completions: Sequence[Completion], answer: str) -> StudentSamples:
+        checked = [self.checker(c.text, answer) for c in completions]
+        return StudentSamples(
+            prompt=prompt,
+            texts=[c.text for c in completions],
+            answers=[a for a, _ in checked],
+            correct=[ok for _, ok in checked],
+            num_tokens=[len(c.token_ids) for c in completions],
+            finish_reasons=[c.finish_reason for c in completions],
+        )
+
+    def _student_params(self, step: int, phase: int, *, probe: bool = False) -> SamplingParams:
+        s = self.settings
+        if probe:
+            return SamplingParams(
+                temperature=s.probe_temperature, max_tokens=s.max_probe_tokens, seed=self._seed(step, phase)
+            )
+        return SamplingParams(
+            temperature=s.student_temperature, max_tokens=s.max_student_tokens, seed=self._seed(step, phase)
+        )
+
+    # -- phases --------------------------------------------------------------------------------------
+    def baselines(self, problems: Sequence[Problem], step: int = 0) -> int:
+        """Fills the baseline cache for problems not in it (one engine call); returns the cache hits."""
+        todo: dict[str, Problem] = {}
+        for p in problems:
+            if p.id not in self.baseline_cache:
+                todo.setdefault(p.id, p)
+        hits = sum(1 for p in problems if p.id not in todo)
+        if not todo:
+            return hits
+        pending = list(todo.values())
+        tmpl = self.settings.templates.student_baseline
+        prompts = [self._student_prompt(tmpl, question=p.question) for p in pending]
+        outs = self.student.generate(prompts, self._student_params(step, _PHASE_BASELINE), n=self.settings.k)
+        self.num_baseline_calls += 1
+        for p, prompt, comps in zip(pending, prompts, outs, strict=True):
+            self.baseline_cache[p.id] = self._score(prompt, comps, p.answer)
+        return hits
+
+    def probes(self, problems: Sequence[Problem], step: int = 0) -> list[Completion]:
+        """One probe per problem (one engine call), capped at ``max_probe_tokens``."""
+        tmpl = self.settings.templates.student_probe
+        prompts = [self._student_prompt(tmpl, question=p.question) for p in problems]
+        outs = self.student.generate(prompts, self._student_params(step, _PHASE_PROBE, probe=True), n=1)
+        return [o[0] for o in outs]
+
+    def teacher_prompts(
+        self, problems: Sequence[Problem], probes: Sequence[str]
+    ) -> list[tuple[str, list[int]]]:
+        """Rendered teacher prompts and their teacher-token ids.
+
+        Raises:
+          ValueError: a prompt is longer than ``max_prompt_tokens`` (names the problem id).
+        """
+        t, tok = self.settings.templates, self.teacher.tokenizer
+        result = []
+        for p, probe in zip(problems, probes, strict=True):
+            text = render(
+                fill(t.teacher, question=p.question, approach=probe),
+                tokenizer=tok,
+                chat=t.teacher_chat,
+                system=t.teacher_system,
+            )
+            ids = list(tok.encode(text, add_special_tokens=False))
+            if len(ids) > self.settings.max_prompt_tokens:
+                raise ValueError(
+                    f"teacher prompt of problem {p.id!r} has {len(ids)} tokens > protocol.max_prompt_tokens="
+                    f"{self.settings.max_prompt_tokens}; raise the limit or shorten the problem/template"
+                )
+            result.append((text, ids))
+        return result
+
+    # -- the whole rollout ---------------------------------------------------------------------------
+    def run(self, problems: Sequence[Problem], step: int = 0) -> RolloutBatch:
+        """Runs all phases for ``problems`` and scores every teacher sample."""
+        s = self.settings
+        if not problems:
+            raise ValueError("TwoPassRollout.run needs at least one problem")
+        hits = self.baselines(problems, step)
+        probe_comps = self.probes(problems, step)
+        probes = [c.text.strip() for c in probe_comps]
+        prompts = self.teacher_prompts(problems, probes)
+        teacher_params = SamplingParams(
+            temperature=s.teacher_temperature,
+            top_p=s.teacher_top_p,
+            max_tokens=s.max_teaching_tokens,
+            seed=self._seed(step, _PHASE_TEACHER),
+        )
+        teacher_out = self.teacher.generate([ids for _, ids in prompts], teacher_params, n=s.group_size)
+
+        teachings: list[list[tuple[str, bool]]] = [
+            [extract_teaching(c.text, s.missing_teaching) for c in comps] for comps in teacher_out
+        ]
+        taught_prompts = [
+            self._student_prompt(s.templates.student_taught, question=p.question, approach=probe, teaching=t)
+            for p, probe, group in zip(problems, probes, teachings, strict=True)
+            for t, _ in group
+        ]
+        taught_out = self.student.generate(taught_prompts, self._student_params(step, _PHASE_TAUGHT), n=s.m)
+
+        groups = []
+        tok = self.teacher.tokenizer
+        for i, (p, probe_c, probe, (prompt_text, prompt_ids)) in enumerate(
+            zip(problems, probe_comps, probes, prompts, strict=True)
+        ):
+            baseline = self.baseline_cache[p.id]
+            p0 = baseline.pass_rate
+            episodes = []
+            for g, comp in enumerate(teacher_out[i]):
+                teaching, found = teachings[i][g]
+                j = i * s.group_size + g
+                taught = self._score(taught_prompts[j], taught_out[j], p.answer)
+                teaching_tokens = len(tok.encode(teaching, add_special_tokens=False)) if teaching else 0
+                eff = efficiency_bonus(
+                    s.reward_params.efficiency,
+                    teaching_tokens=teaching_tokens,
+                    max_teaching_tokens=s.max_teaching_tokens,
+                    baseline_tokens=baseline.mean_tokens,
+                    taught_tokens=taught.mean_tokens,
+                )
+                leaked = bool(teaching) and contains_answer(teaching, p.answer)
+                terms = self.reward_fn(RewardInputs(p0, taught.pass_rate, eff, leaked), s.reward_params)
+                episodes.append(
+                    Episode(
+                        teacher_prompt=prompt_text,
+                        teacher_prompt_ids=list(comp.prompt_ids) or list(prompt_ids),
+                        teacher_completion_ids=list(comp.token_ids),
+                        teacher_logprobs=list(comp.logprobs),
+                        teacher_finish_reason=comp.finish_reason,
+                        teacher_text=comp.text,
+                        teaching=teaching,
+                        teaching_tag_found=found,
+                        teaching_tokens=teaching_tokens,
+                        leaked=leaked,
+                        taught=taught,
+                        p1=taught.pass_rate,
+                        delta=taught.pass_rate - p0,
+                        eff=eff,
+                        reward=terms["reward"],
+                        reward_terms=terms,
+                    )
+                )
+            groups.append(
+                ProblemGroup(
+                    problem_id=p.id,
+                    problem=p.question,
+                    answer=p.answer,
+                    baseline=baseline,
+                    p0=p0,
+                    probe=probe,
+                    probe_tokens=len(probe_c.token_ids),
+                    episodes=episodes,
+                )
+            )
+        return RolloutBatch(groups=groups, baseline_cache_hits=hits)
