@@ -1,7 +1,7 @@
 """Answer extraction and verification, shared by training rewards and evaluation.
 
 Extraction (``extract_answer``), extractor "default", first rule that matches wins:
-  1. the last ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces handled);
+  1. the last ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces handled; for a box inside a box, the inner one);
   2. the last ``<solution>...</solution>`` (an unclosed tag runs to the end of the text);
   3. the last "final answer is X" / "the answer is X" / "answer: X" / "#### X" phrase, up to the end of
      its line (a trailing period is dropped);
@@ -242,6 +242,7 @@ def contains_answer(text: str, gold: str) -> bool:
             if number is not None and (number == value or (value >= 0 and -number == value)):
                 return True
         return False
-    haystack = re.sub(r"\s+", "", text).lower()
-    pattern = r"(?<![a-z0-9])" + re.escape(gold_norm) + r"(?![a-z0-9])"
-    return re.search(pattern, haystack) is not None
+    # normalize_answer drops whitespace, so allow any whitespace between the answer's characters.
+    body = r"\s*".join(re.escape(ch) for ch in gold_norm)
+    pattern = r"(?<![a-z0-9])" + body + r"(?![a-z0-9])"
+    return re.search(pattern, text.lower()) is not None
