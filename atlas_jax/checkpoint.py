@@ -66,7 +66,9 @@ class Checkpointer:
             save_interval_steps=save_every,
             enable_async_checkpointing=async_save,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(_STATE, _META))
+        # Handlers are registered up front so a fresh manager can read metadata of existing steps.
+        handlers = {_STATE: ocp.StandardCheckpointHandler(), _META: ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def save(
         self, step: int, state: PyTree, *, meta: Mapping[str, Any] | None = None, force: bool = False
@@ -143,12 +145,8 @@ class Checkpointer:
           ValueError: ``shardings`` does not match the stored structure.
         """
         step = self._step(step)
+        # The target makes orbax read straight into the requested shardings (or host numpy).
         target = self.abstract_state(step, mesh=mesh, shardings=shardings)
-        if mesh is None and shardings is None:
-            restored = self._manager.restore(
-                step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore()})
-            )
-            return restored[_STATE]
         restored = self._manager.restore(
             step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)})
         )

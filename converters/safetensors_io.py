@@ -30,7 +30,7 @@ from safetensors.numpy import save_file
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # "5GB", as transformers counts it
 
 
 class SafetensorsFolder(Mapping[str, np.ndarray]):
