@@ -1,0 +1,140 @@
+"""`Decoder`: the Qwen3 / Qwen2 / Llama decoder-only transformer as an NNX module (contract in docs/internals.md)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from atlas_jax.models.config import ModelConfig
+from atlas_jax.models.kv_cache import KVCache
+from atlas_jax.models.layers import MLP, Attention, RMSNorm, rope_cos_sin, rope_inv_freq
+from atlas_jax.models.sharding import constrain, param
+
+_ACT_BTD = ("batch", "length", "act_embed")
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: x += attn(norm(x)); x += mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x_btd, cos, sin, k_cache, v_cache, slot_mask, index):
+        attn_btd, k_cache, v_cache = self.attn(
+            self.input_norm(x_btd), cos, sin, k_cache, v_cache, slot_mask, index
+        )
+        x_btd = constrain(x_btd + attn_btd, _ACT_BTD)
+        x_btd = constrain(x_btd + self.mlp(self.post_attn_norm(x_btd)), _ACT_BTD)
+        return x_btd, k_cache, v_cache
+
+
+def _layer_call(layer: DecoderLayer, *args):
+    return layer(*args)
+
+
+_remat_layer_call = nnx.remat(_layer_call)
+
+
+class Decoder(nnx.Module):
+    """Embedding -> L decoder layers -> final RMSNorm -> (tied or untied) unembedding.
+
+    Prefill and one-token decode are the same call: pass a `KVCache` and the tokens are written at ``cache.index``.
+    Without a cache, a temporary one of length T is used (plain causal attention over the real tokens).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd = jnp.dtype(cfg.param_dtype)
+        self.embed = _Embedding(cfg, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _LMHead(cfg, rngs=rngs)
+
+    def hidden_states(
+        self,
+        input_ids: Int[Array, "b t"],
+        positions: Int[Array, "b t"],
+        attention_mask: Array,
+        cache: KVCache | None = None,
+    ) -> tuple[Float[Array, "b t d"], KVCache | None]:
+        """Final-norm hidden states ``[B,T,D]`` (compute dtype) and the updated cache (None if none was given)."""
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        b, t = input_ids.shape
+        work = cache if cache is not None else KVCache.init(cfg, b, t, dtype)
+        index = work.index
+        slot_mask = jax.lax.dynamic_update_slice(
+            work.mask, attention_mask.astype(jnp.bool_), (jnp.zeros((), jnp.int32), index)
+        )
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+        x_btd = constrain(self.embed.embedding.get_value()[input_ids].astype(dtype), _ACT_BTD)
+        call = _remat_layer_call if cfg.remat else _layer_call
+        k_all, v_all = work.k, work.v
+        for i, layer in enumerate(self.layers):
+            x_btd, k_i, v_i = call(layer, x_btd, cos, sin, k_all[i], v_all[i], slot_mask, index)
+            k_all = k_all.at[i].set(k_i)
+            v_all = v_all.at[i].set(v_i)
+        hidden = self.final_norm(x_btd)
+        if cache is None:
+            return hidden, None
+        return hidden, KVCache(k=k_all, v=v_all, mask=slot_mask, index=index + t)
+
+    def unembed(self, hidden: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
+        """Float32 logits: hidden · Eᵀ (tied) or hidden · W_lm_head."""
+        dtype = jnp.dtype(self.cfg.dtype)
+        if self.cfg.tie_word_embeddings:
+            w = self.embed.embedding.get_value()
+            out = jnp.einsum(
+                "btd,vd->btv", hidden.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32
+            )
+        else:
+            w = self.lm_head.kernel.get_value()
+            out = jnp.einsum(
+                "btd,dv->btv", hidden.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32
+            )
+        return out
+
+    def __call__(
+        self,
+        input_ids: Int[Array, "b t"],
+        positions: Int[Array, "b t"],
+        attention_mask: Array,
+        cache: KVCache | None = None,
+    ) -> tuple[Float[Array, "b t v"], KVCache | None]:
+        """Logits ``[B,T,V]`` in float32 and the updated cache."""
+        hidden, cache = self.hidden_states(input_ids, positions, attention_mask, cache)
+        return self.unembed(hidden), cache
+
+
+class _Embedding(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(stddev=0.02)
+        self.embedding = param(
+            init,
+            rngs.params(),
+            (cfg.vocab_size, cfg.hidden_size),
+            jnp.dtype(cfg.param_dtype),
+            ("vocab", "embed"),
+        )
+
+
+class _LMHead(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(stddev=0.02)
+        self.kernel = param(
+            init,
+            rngs.params(),
+            (cfg.hidden_size, cfg.vocab_size),
+            jnp.dtype(cfg.param_dtype),
+            ("embed", "vocab"),
+        )
+
+
+__all__ = ["Decoder", "DecoderLayer"]

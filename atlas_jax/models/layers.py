@@ -1,0 +1,187 @@
+"""Decoder building blocks: RMSNorm, RoPE (incl. llama3 scaling), SwiGLU MLP, grouped-query attention.
+
+Shapes use suffixes: B batch, T query length, S key/cache length, D model dim, N query heads, K kv heads,
+G = N // K heads per kv head, H head dim, F MLP dim. Kernels are stored in einsum layout (docs/internals.md).
+Matmuls run in the compute dtype with float32 accumulation (`preferred_element_type`), because on CPU a plain
+bf16 -> bf16 matmul is slower than fp32; softmax and norms always run in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from atlas_jax.models.config import ModelConfig, RopeScaling
+from atlas_jax.models.sharding import param
+
+_init_kernel = nnx.initializers.normal(stddev=0.02)
+_NEG_INF = -0.7 * float(np.finfo(np.float32).max)  # finite, so fully-masked rows (pads) stay NaN-free
+
+
+def einsum(spec: str, a: Array, b: Array, dtype: jnp.dtype) -> Array:
+    """``einsum(spec, a, b)`` with both operands cast to ``dtype``, accumulated in f32, result cast to ``dtype``."""
+    out = jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+    return out.astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    """y = x / sqrt(mean(x², last axis) + eps) · scale, computed in float32, returned in x's dtype."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        del rngs
+        self.eps = eps
+        self.scale = param(nnx.initializers.ones, None, (dim,), param_dtype, ("norm",))
+
+    def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale.get_value().astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """Inverse frequencies ω_i = θ^(-2i/H), i < H/2, in float32; llama3 scaling as in Llama 3.1.
+
+    llama3: with wavelength λ_i = 2π/ω_i, L0 = original_max_position_embeddings, factor s, low/high factors a/b:
+    λ_i > L0/a -> ω_i / s;  λ_i < L0/b -> ω_i;  otherwise (1-μ)·ω_i/s + μ·ω_i with μ = (L0/λ_i - a)/(b - a).
+    """
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type != "llama3":
+        raise ValueError(f"rope_scaling.rope_type={scaling.rope_type!r} is not supported")
+    s, a, b = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+    old_len = scaling.original_max_position_embeddings
+    low_freq_wavelen, high_freq_wavelen = old_len / a, old_len / b
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / s, inv_freq)
+    mu = (old_len / wavelen - a) / (b - a)
+    smoothed = (1 - mu) * scaled / s + mu * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(
+    positions: Int[Array, "b t"], inv_freq: np.ndarray
+) -> tuple[Float[Array, "b t h"], Float[Array, "b t h"]]:
+    """cos/sin tables (float32) for angles p·ω, duplicated over both halves (transformers' rotate_half layout)."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(
+    x: Float[Array, "b t n h"], cos: Float[Array, "b t h"], sin: Float[Array, "b t h"]
+) -> Float[Array, "b t n h"]:
+    """x·cos + rotate_half(x)·sin, rotate_half([x1, x2]) = [-x2, x1] (halves of the head dim); f32 maths."""
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(x·W_gate) ⊙ (x·W_up))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, f, pd = cfg.hidden_size, cfg.intermediate_size, jnp.dtype(cfg.param_dtype)
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.gate_proj = _Kernel(rngs, (d, f), pd, ("embed", "mlp"))
+        self.up_proj = _Kernel(rngs, (d, f), pd, ("embed", "mlp"))
+        self.down_proj = _Kernel(rngs, (f, d), pd, ("mlp", "embed"))
+
+    def __call__(self, x_btd: Float[Array, "b t d"]) -> Float[Array, "b t d"]:
+        gate_btf = einsum("btd,df->btf", x_btd, self.gate_proj.kernel.get_value(), self.dtype)
+        up_btf = einsum("btd,df->btf", x_btd, self.up_proj.kernel.get_value(), self.dtype)
+        h_btf = (jax.nn.silu(gate_btf.astype(jnp.float32)) * up_btf.astype(jnp.float32)).astype(self.dtype)
+        return einsum("btf,fd->btd", h_btf, self.down_proj.kernel.get_value(), self.dtype)
+
+
+class _Kernel(nnx.Module):
+    """A projection holding ``kernel`` (and optionally ``bias``) so parameter paths read ``.../q_proj/kernel``."""
+
+    def __init__(self, rngs: nnx.Rngs, shape, param_dtype, axes, bias_shape=None, bias_axes=None):
+        self.kernel = param(_init_kernel, rngs.params(), shape, param_dtype, axes)
+        if bias_shape is not None:
+            self.bias = param(nnx.initializers.zeros, None, bias_shape, param_dtype, bias_axes)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with optional q/k/v bias and q/k RMSNorm, writing into a KV cache.
+
+    The keys/values of the T new tokens are written at cache slots [index, index+T); query t (slot index+t) attends
+    to slot s iff s <= index+t and the slot holds a real token (``slot_mask``).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        pd = jnp.dtype(cfg.param_dtype)
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
+        qb = (n, h) if cfg.qkv_bias else None
+        kb = (k, h) if cfg.qkv_bias else None
+        self.q_proj = _Kernel(rngs, (d, n, h), pd, ("embed", "heads", "head_dim"), qb, ("heads", "head_dim"))
+        self.k_proj = _Kernel(
+            rngs, (d, k, h), pd, ("embed", "kv_heads", "head_dim"), kb, ("kv_heads", "head_dim")
+        )
+        self.v_proj = _Kernel(
+            rngs, (d, k, h), pd, ("embed", "kv_heads", "head_dim"), kb, ("kv_heads", "head_dim")
+        )
+        self.o_proj = _Kernel(rngs, (n, h, d), pd, ("heads", "head_dim", "embed"))
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(h, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
+            self.k_norm = RMSNorm(h, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
+
+    def _project(self, x_btd, proj: _Kernel):
+        out = einsum("btd,dkh->btkh", x_btd, proj.kernel.get_value(), self.dtype)
+        if hasattr(proj, "bias"):
+            out = out + proj.bias.get_value().astype(self.dtype)
+        return out
+
+    def __call__(
+        self,
+        x_btd: Float[Array, "b t d"],
+        cos: Float[Array, "b t h"],
+        sin: Float[Array, "b t h"],
+        k_cache: Float[Array, "b s k h"],
+        v_cache: Float[Array, "b s k h"],
+        slot_mask: Array,
+        index: Int[Array, ""],
+    ) -> tuple[Float[Array, "b t d"], Float[Array, "b s k h"], Float[Array, "b s k h"]]:
+        """Returns (output, updated k_cache, updated v_cache); ``slot_mask[B,S]`` already includes the new tokens."""
+        b, t, _ = x_btd.shape
+        q_btnh = self._project(x_btd, self.q_proj)
+        k_btkh = self._project(x_btd, self.k_proj)
+        v_btkh = self._project(x_btd, self.v_proj)
+        if self.qk_norm:
+            q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
+        q_btnh, k_btkh = apply_rope(q_btnh, cos, sin), apply_rope(k_btkh, cos, sin)
+
+        zero = jnp.zeros((), jnp.int32)
+        start = (zero, index.astype(jnp.int32), zero, zero)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k_btkh.astype(k_cache.dtype), start)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v_btkh.astype(v_cache.dtype), start)
+
+        s = k_cache.shape[1]
+        g = self.num_heads // self.num_kv_heads
+        q_btkgh = q_btnh.reshape(b, t, self.num_kv_heads, g, self.head_dim)
+        logits_bkgts = jnp.einsum(
+            "btkgh,bskh->bkgts",
+            q_btkgh.astype(self.dtype),
+            k_cache.astype(self.dtype),
+            preferred_element_type=jnp.float32,
+        ) * (self.head_dim**-0.5)
+        q_slot_t = index + jnp.arange(t, dtype=jnp.int32)
+        causal_ts = jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slot_t[:, None]
+        allowed_bts = causal_ts[None, :, :] & slot_mask.astype(bool)[:, None, :]
+        logits_bkgts = jnp.where(allowed_bts[:, None, None, :, :], logits_bkgts, _NEG_INF)
+        probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1)
+        out_btkgh = einsum("bkgts,bskh->btkgh", probs_bkgts, v_cache, self.dtype)
+        out_btnh = out_btkgh.reshape(b, t, self.num_heads, self.head_dim)
+        return einsum("btnh,nhd->btd", out_btnh, self.o_proj.kernel.get_value(), self.dtype), k_cache, v_cache
