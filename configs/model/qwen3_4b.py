@@ -1,0 +1,10 @@
+"""Model config `qwen3_4b` (see atlas_jax/models/presets.py); override fields with --config.<field>=..."""
+
+import ml_collections
+
+from atlas_jax.models.presets import get_preset
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The `qwen3_4b` preset as a ConfigDict; `ModelConfig.from_dict(cfg)` turns it back into a ModelConfig."""
+    return ml_collections.ConfigDict(get_preset("qwen3_4b").to_dict())

@@ -1,0 +1,10 @@
+"""Model config `tiny_qwen3_untied` (see atlas_jax/models/presets.py); override fields with --config.<field>=..."""
+
+import ml_collections
+
+from atlas_jax.models.presets import get_preset
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The `tiny_qwen3_untied` preset as a ConfigDict; `ModelConfig.from_dict(cfg)` turns it back into a ModelConfig."""
+    return ml_collections.ConfigDict(get_preset("tiny_qwen3_untied").to_dict())
