@@ -53,6 +53,7 @@ def make_model(tokenizer, seed: int = 0):
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
+    torch.set_num_threads(1)  # 2 shared cores: more threads only contend
     torch.manual_seed(seed)
     cfg = Qwen2Config(
         vocab_size=len(tokenizer),
@@ -108,7 +109,7 @@ class HFEngine(Engine):
                     temperature=None if greedy else params.temperature,
                     top_p=None if greedy else params.top_p,
                     top_k=None if greedy else (params.top_k or None),
-                    num_return_sequences=n,
+                    num_return_sequences=1 if greedy else n,
                     eos_token_id=[eos, *params.stop_token_ids],
                     pad_token_id=eos,
                     output_scores=True,
@@ -116,6 +117,7 @@ class HFEngine(Engine):
                 )
             comps = []
             for j in range(n):
+                j = 0 if greedy else j  # greedy: n identical copies
                 new = res.sequences[j, len(ids) :].tolist()
                 stop_at = next((t for t, tok in enumerate(new) if tok in (eos, *params.stop_token_ids)), None)
                 new = new[: stop_at + 1] if stop_at is not None else new
@@ -130,3 +132,31 @@ class HFEngine(Engine):
                 )
             out.append(comps)
         return out
+
+
+def train_to_emit(model, tokenizer, prompts: Sequence[str], completion: str, steps: int = 150) -> None:
+    """Fits the model (in place) so greedy decoding of each prompt yields ``completion`` + EOS.
+
+    Used to get a *real* teacher that writes a known <thinking>/<teaching> structure.
+    """
+    import torch
+
+    target = [*tokenizer.encode(completion, add_special_tokens=False), tokenizer.eos_token_id]
+    seqs = [tokenizer.encode(p, add_special_tokens=False) + target for p in prompts]
+    width = max(len(s) for s in seqs)
+    pad = tokenizer.pad_token_id
+    # Left-pad into one batch; labels only on the completion.
+    x = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+    labels = x.clone()
+    labels[:, : width - len(target)] = -100
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(input_ids=x, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        if loss.item() < 1e-3:
+            break
+    model.eval()

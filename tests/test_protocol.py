@@ -1,0 +1,73 @@
+"""Templates (placeholders, literal braces, chat rendering) and teaching extraction."""
+
+import pytest
+from protocol_helpers import make_tokenizer
+
+from atlas_jax.protocol.batch import RolloutSettings
+from atlas_jax.protocol.teaching import extract_teaching
+from atlas_jax.protocol.templates import Templates, fill, render
+
+
+def test_fill_keeps_literal_braces_and_never_rescans_inserted_text():
+    template = r"Give \boxed{answer}; JSON {\"a\": {1}} {} {{x}} -- {question} / {approach}"
+    out = fill(template, question="a {teaching} b {", approach="}{")
+    assert out == r"Give \boxed{answer}; JSON {\"a\": {1}} {} {{x}} -- a {teaching} b { / }{"
+    with pytest.raises(KeyError, match="teaching"):
+        fill("{teaching}", question="q")
+
+
+def test_templates_are_validated_at_start_up():
+    Templates(student_baseline=r"{question} \boxed{} {not_a_placeholder}")  # unknown braces are literal text
+    with pytest.raises(ValueError, match=r"'teacher' lacks placeholder.*\{approach\}"):
+        Templates(teacher="Problem: {question}")
+    with pytest.raises(ValueError, match=r"'student_taught' lacks placeholder.*\{teaching\}"):
+        Templates(student_taught="{question}")
+    with pytest.raises(ValueError, match=r"'student_baseline' uses placeholder.*\{teaching\}.*not available"):
+        Templates(student_baseline="{question} {teaching}")
+    with pytest.raises(ValueError, match=r"'student_probe' uses placeholder.*\{approach\}"):
+        Templates(student_probe="{question} {approach}")
+    with pytest.raises(ValueError, match="max_probe_tokens"):
+        RolloutSettings(max_probe_tokens=0)
+    with pytest.raises(ValueError, match=r"unknown reward 'best'.*asymmetric"):
+        RolloutSettings(reward="best")
+    with pytest.raises(ValueError, match="missing_teaching"):
+        RolloutSettings(missing_teaching="guess")
+
+
+def test_render_raw_and_chat():
+    tok = make_tokenizer()
+    assert render("hi {x}", tokenizer=tok, chat=False) == "hi {x}"
+    chat = render("hi {x}", tokenizer=tok, chat=True, system="be brief")
+    assert (
+        chat
+        == "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi {x}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="no chat_template"):
+        render("hi", tokenizer=tok, chat=True)
+
+
+@pytest.mark.parametrize(
+    "completion, rule, expected",
+    [
+        (
+            "<thinking>secret</thinking><teaching>Use the box.</teaching>",
+            "strip_thinking",
+            ("Use the box.", True),
+        ),
+        ("<teaching> a </teaching> trailing", "strip_thinking", ("a", True)),
+        ("<teaching>cut off mid", "strip_thinking", ("cut off mid", True)),  # truncated teacher
+        ("<teaching>a <thinking>secret</thinking>b</teaching>", "strip_thinking", ("a b", True)),
+        ("<thinking>secret never closed <teaching>hint</teaching>", "strip_thinking", ("hint", True)),
+        ("<thinking>secret never closed", "strip_thinking", ("", False)),
+        ("<thinking>secret</thinking> plain hint", "strip_thinking", ("plain hint", False)),
+        ("<thinking>secret</thinking> plain hint", "empty", ("", False)),
+        ("just some advice", "strip_thinking", ("just some advice", False)),
+        ("<TEACHING>Caps</TEACHING>", "empty", ("Caps", True)),
+        ("<teaching>one</teaching><teaching>two</teaching>", "strip_thinking", ("one", True)),
+    ],
+)
+def test_extract_teaching(completion, rule, expected):
+    teaching, found = extract_teaching(completion, rule)
+    assert (teaching, found) == expected
+    assert "secret" not in teaching
