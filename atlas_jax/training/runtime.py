@@ -1,0 +1,204 @@
+"""What every learner needs before its first step: mesh, policy model, optimiser, state, checkpoints, logs.
+
+``Policy`` holds the (sharded) trainable state and the static pieces to rebuild the model from it;
+``make_policy`` builds it from the config, resuming from ``<output_dir>/checkpoints`` when a checkpoint
+exists (params, optimiser state, step, RNG key, data position and any extra trees such as an EMA
+reference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from atlas_jax.models.config import ModelConfig
+from atlas_jax.models.params import build_model
+from atlas_jax.models.sharding import make_mesh
+from atlas_jax.training import optimizer as optim_lib
+from atlas_jax.training.checkpointing import TrainCheckpointer
+from atlas_jax.training.train_step import TrainState, init_state, split_model
+
+
+def resolve_mesh_shape(shape: tuple[int, ...], num_devices: int) -> tuple[int, int, int]:
+    """Replaces one ``-1`` in ``(data, fsdp, tensor)`` by the remaining device count.
+
+    Raises:
+      ValueError: not 3 entries, several -1, or sizes that do not multiply to the device count.
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"--config.mesh.shape={shape}: expected (data, fsdp, tensor) with at most one -1")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if -1 in shape:
+        if num_devices % known:
+            raise ValueError(
+                f"--config.mesh.shape={shape}: {num_devices} devices are not divisible by {known}"
+            )
+        shape = tuple(num_devices // known if s == -1 else s for s in shape)
+    if int(np.prod(shape)) != num_devices:
+        raise ValueError(
+            f"--config.mesh.shape={shape} needs {int(np.prod(shape))} devices, have {num_devices}"
+        )
+    return shape  # type: ignore[return-value]
+
+
+def mesh_from_config(config: Any) -> Mesh:
+    return make_mesh(resolve_mesh_shape(tuple(config.mesh.shape), jax.device_count()))
+
+
+def _preset(name: str) -> ModelConfig:
+    try:
+        module = importlib.import_module(f"configs.model.{name}")
+    except ModuleNotFoundError as e:
+        raise ValueError(f"unknown model preset {name!r}: no configs/model/{name}.py") from e
+    cfg = module.get_config()
+    if isinstance(cfg, ModelConfig):
+        return cfg
+    return ModelConfig.from_hf(dict(cfg))
+
+
+def model_config(path: str, preset: str, *, model_section: Any) -> ModelConfig:
+    """The ModelConfig of an HF folder, an atlas-jax checkpoint folder or a preset, with our dtypes/remat."""
+    if path:
+        p = Path(path)
+        if (p / "config.json").is_file():
+            cfg = ModelConfig.from_hf(p / "config.json")
+        elif (p / "model_config.json").is_file():
+            from converters.hf_to_jax import read_model_config
+
+            cfg = read_model_config(p)
+        else:
+            raise FileNotFoundError(f"{p}: neither an HF folder (config.json) nor an atlas-jax checkpoint")
+    elif preset:
+        cfg = _preset(preset)
+    else:
+        raise ValueError(
+            "no model given: set --config.model.teacher (a folder) or --config.model.teacher_preset"
+        )
+    return cfg.replace(
+        param_dtype=str(model_section.param_dtype),
+        dtype=str(model_section.compute_dtype),
+        remat=bool(model_section.remat),
+    )
+
+
+def load_flat_params(path: str, cfg: ModelConfig) -> dict[str, np.ndarray] | None:
+    """Flat params of an HF folder or an atlas-jax checkpoint (params-only or a train state); None if no path."""
+    if not path:
+        return None
+    p = Path(path)
+    if (p / "config.json").is_file():
+        from converters import mapping
+        from converters.safetensors_io import SafetensorsFolder
+
+        tensors = SafetensorsFolder(p)
+        try:
+            return mapping.hf_to_flat(tensors, cfg)
+        finally:
+            tensors.close()
+    from atlas_jax.checkpoint import Checkpointer
+    from converters.jax_to_hf import params_from_state
+
+    with Checkpointer(p) as ckpt:
+        return params_from_state(ckpt.restore())
+
+
+@dataclasses.dataclass
+class Policy:
+    """The trainable policy and everything needed to step it."""
+
+    mesh: Mesh
+    model_cfg: ModelConfig
+    graphdef: nnx.GraphDef
+    rest: nnx.State
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    state: TrainState
+    rng: jax.Array
+    ckpt: TrainCheckpointer
+    start_step: int
+    data_position: dict[str, Any]
+    extra: dict[str, Any]
+    output_dir: Path
+
+    @property
+    def params(self) -> dict[str, jax.Array]:
+        return self.state.params
+
+    def save(
+        self,
+        step: int,
+        *,
+        data_position: Mapping[str, Any],
+        extra: Mapping[str, Any] | None = None,
+        force=False,
+    ) -> bool:
+        """Checkpoints the state as ``step`` (when due under ``checkpoint.every_steps``, or ``force``)."""
+        return self.ckpt.save(
+            step, self.state, self.rng, data_position=data_position, extra=extra, force=force
+        )
+
+
+def make_policy(
+    config: Any,
+    *,
+    learning_rate: float,
+    total_steps: int,
+    extra_init: Any = None,
+    init_path: str | None = None,
+) -> Policy:
+    """Builds (or resumes) the policy for a learner.
+
+    Args:
+      config: the run ConfigDict.
+      learning_rate: the learner's peak rate.
+      total_steps: optimiser updates in the run.
+      extra_init: ``fn(params) -> {name: tree}`` of extra trees to checkpoint (e.g. a reference copy).
+      init_path: override of ``config.model.teacher`` (e.g. the SFT output inside a pipeline).
+    """
+    mesh = mesh_from_config(config)
+    path = config.model.teacher if init_path is None else init_path
+    cfg = model_config(path, config.model.teacher_preset, model_section=config.model)
+    flat = load_flat_params(path, cfg)
+    model = build_model(cfg, flat, mesh=mesh, seed=int(config.seed))
+    graphdef, params, rest = split_model(model)
+    del model, flat
+    spec = optim_lib.spec_from_config(config.optim, learning_rate, total_steps)
+    tx, schedule = optim_lib.make_optimizer(spec)
+    state = init_state(tx, params, mesh)
+    rng = jax.random.key(int(config.seed))
+    extra = extra_init(params) if extra_init is not None else {}
+    out = Path(config.output_dir)
+    ck = config.checkpoint
+    ckpt = TrainCheckpointer(
+        out / "checkpoints",
+        every_steps=int(ck.every_steps),
+        keep=int(ck.keep),
+        async_save=bool(ck.async_save),
+    )
+    _write_model_files(out / "checkpoints", cfg, path)
+    start, position = 0, {}
+    if ck.resume and ckpt.latest_step() is not None:
+        state, rng, extra, meta = ckpt.restore(state, rng, extra=extra)
+        start, position = int(meta["step"]), dict(meta.get("data", {}))
+    return Policy(mesh, cfg, graphdef, rest, tx, schedule, state, rng, ckpt, start, position, extra, out)
+
+
+def _write_model_files(ckpt_dir: Path, cfg: ModelConfig, source: str) -> None:
+    """model_config.json + tokenizer assets beside the steps, so converters.jax_to_hf can export any step."""
+    from converters.hf_to_jax import ASSETS_DIR, copy_assets, write_model_config
+
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    write_model_config(ckpt_dir, cfg)
+    if source:
+        src = Path(source)
+        copy_assets(src / ASSETS_DIR if (src / ASSETS_DIR).is_dir() else src, ckpt_dir / ASSETS_DIR)
