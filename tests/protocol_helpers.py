@@ -160,3 +160,49 @@ def train_to_emit(model, tokenizer, prompts: Sequence[str], completion: str, ste
         if loss.item() < 1e-3:
             break
     model.eval()
+
+
+class Recorder(Engine):
+    """Forwards to a real engine and records each call (prompts, params, n) for assertions."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.calls: list[tuple[list[Prompt], SamplingParams, int]] = []
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self, prompts: Sequence[Prompt], params: SamplingParams, n: int = 1
+    ) -> list[list[Completion]]:
+        self.calls.append((list(prompts), params, n))
+        return self.engine.generate(prompts, params, n)
+
+
+def hf_config_dict(tokenizer) -> dict:
+    """The HF config (dict) of the tiny Qwen2-shape model ``make_model`` builds."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    ).to_dict()
+
+
+def make_jax_engine(tokenizer, seed: int = 0) -> Engine:
+    """Our JAX sampler over a tiny random decoder (same shape as ``make_model``)."""
+    from atlas_jax.engines.jax_sampler import JaxSampler
+    from atlas_jax.models.config import ModelConfig
+    from atlas_jax.models.params import build_model
+
+    cfg = ModelConfig.from_hf(hf_config_dict(tokenizer))
+    return JaxSampler(build_model(cfg, seed=seed), tokenizer)
