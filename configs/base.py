@@ -65,6 +65,16 @@ def get_config() -> ml_collections.ConfigDict:
         ""  # student-with-teaching template; empty = built-in ({question}, {teaching})
     )
     c.protocol.baseline_template = ""  # student-alone template; empty = the built-in one ({question})
+    c.protocol.probe_temperature = 0.0  # temperature of the probe only (0 = greedy; overrides student_temperature)
+    c.protocol.student_chat = False  # student prompts through the student tokenizer's chat template (else raw text)
+    c.protocol.teacher_chat = False  # teacher prompts (and SFT prompts) through the teacher's chat template
+    c.protocol.student_system = ""  # system message of chat-mode student prompts ("" = none)
+    c.protocol.teacher_system = ""  # system message of chat-mode teacher prompts ("" = none)
+    c.protocol.answer_extractor = "default"  # "default" (boxed/solution/final-answer) or "rcl_compat" (original's)
+    c.protocol.verifier = "auto"  # "auto" (normalised, then math-verify), "math", "normalised" or "exact"
+    c.protocol.missing_teaching = (
+        "strip_thinking"  # no <teaching> tag: "strip_thinking" (rest minus <thinking>) or "empty"
+    )
 
     c.reward = ml_collections.ConfigDict()
     c.reward.name = "asymmetric"  # reward function from the registry in atlas_jax/rewards.py
@@ -72,6 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
         2.0  # weight of max(-delta, 0); 0 = the seed's "zero for degradation"
     )
     c.reward.efficiency_weight = 1.0  # weight of the efficiency bonus on improvements (seed value)
+    c.reward.efficiency = "teaching_length"  # eff: "teaching_length" (1 - L_teach/budget) or "student_shorter"
+    c.reward.leak_penalty = 0.0  # > 0: teaching that states the answer loses its gain and pays this (0 = off)
 
     c.engine = ml_collections.ConfigDict()
     c.engine.teacher = (
