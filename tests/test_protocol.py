@@ -71,3 +71,30 @@ def test_extract_teaching(completion, rule, expected):
     teaching, found = extract_teaching(completion, rule)
     assert (teaching, found) == expected
     assert "secret" not in teaching
+
+
+def test_settings_from_the_job_config():
+    from atlas_jax.protocol.settings import rollout_settings_from_config
+    from configs.base import get_config
+
+    c = get_config()
+    s = rollout_settings_from_config(c)
+    assert (s.k, s.m, s.group_size, s.max_probe_tokens) == (4, 4, 8, 50)
+    assert s.reward == "asymmetric" and s.reward_params.degradation_penalty_multiplier == 2.0
+    assert s.templates == Templates()  # empty strings keep the built-in templates
+    c.protocol.teacher_template = "Q: {question} | plan: {approach} | {json: 1}"
+    c.reward.leak_penalty = 1.5
+    c.grpo.num_generations = 2
+    s = rollout_settings_from_config(c)
+    assert (
+        s.templates.teacher.endswith("{json: 1}")
+        and s.reward_params.leak_penalty == 1.5
+        and s.group_size == 2
+    )
+    c.protocol.taught_template = "Q: {question}"
+    with pytest.raises(ValueError, match=r"'student_taught' lacks placeholder"):
+        rollout_settings_from_config(c)
+    c.protocol.taught_template = ""
+    c.reward.name = "nope"
+    with pytest.raises(ValueError, match="known rewards"):
+        rollout_settings_from_config(c)
