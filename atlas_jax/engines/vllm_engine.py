@@ -180,12 +180,17 @@ class VLLMEngine(Engine):
         if isinstance(out.stop_reason, str):
             # Stopped by a stop string: vLLM cut the text but not the tokens; keep the tokens whose
             # text lies entirely before the stop string.
-            keep = self._tokens_within(tokens, out.text)
+            text = out.text
+            keep = self._tokens_within(tokens, text)
             tokens, logprobs = tokens[:keep], logprobs[:keep]
+        else:
+            # vLLM's incremental detokenizer holds back a trailing partial UTF-8 character; decode
+            # in full like the other engines so text == decode(token_ids).
+            text = self._tokenizer.decode(tokens, skip_special_tokens=True)
         return Completion(
             prompt_ids=prompt_ids,
             token_ids=tokens,
-            text=out.text,
+            text=text,
             logprobs=logprobs,
             finish_reason=out.finish_reason,
         )
@@ -259,6 +264,10 @@ class VLLMEngine(Engine):
                         yield name, fh.get_tensor(name)
 
         return self.load_hf_tensors(stream())
+
+    def collective_rpc(self, method: str, kwargs: dict[str, Any] | None = None) -> list[Any]:
+        """Calls a vLLM worker method on every worker (e.g. the NCCL weight-transfer RPCs)."""
+        return self._llm.collective_rpc(method, kwargs=kwargs)
 
     def reset_prefix_cache(self) -> None:
         """Drops cached KV blocks (they were computed with the previous weights)."""
