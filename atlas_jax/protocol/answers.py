@@ -14,7 +14,8 @@ Verification (``verify``), verifier:
   - "normalised": ``normalize_answer`` strings are equal, or both are rational numbers with equal value
                   (``1/2`` = ``0.5`` = ``\\frac{1}{2}``, ``1,000`` = ``1000``);
   - "math":       math-verify (sympy equivalence) on ``$pred$`` vs ``$gold$``;
-  - "auto":       "normalised", then "math" if that fails (the default).
+  - "auto":       "normalised", then "math" if that fails, unless both sides are plain rational
+                  numbers (then the exact comparison is final) (the default).
 math-verify is never allowed to raise or hang: errors and timeouts count as False; its signal-based
 timeout is used only on the main thread (elsewhere inputs longer than ``MAX_MATH_CHARS`` are refused).
 """
@@ -196,7 +197,12 @@ def verify(pred: str | None, gold: str, verifier: str = "auto") -> bool:
     if verifier == "math":
         return _math_equal(pred, gold)
     if verifier == "auto":
-        return _normalised_equal(pred, gold) or _math_equal(pred, gold)
+        if _normalised_equal(pred, gold):
+            return True
+        # Two plain rationals that differ are different: math-verify cannot disagree, skip its cost.
+        if as_number(normalize_answer(pred)) is not None and as_number(normalize_answer(gold)) is not None:
+            return False
+        return _math_equal(pred, gold)
     raise ValueError(f"unknown verifier {verifier!r}; known: {VERIFIERS}")
 
 
