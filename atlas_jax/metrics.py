@@ -75,7 +75,7 @@ def _samples_completion(samples: Sequence[StudentSamples]) -> float:
 def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
     """Scalar summary of a rollout for logs and evaluation reports.
 
-    Keys: lr, ndr, les, acc_with_teaching, acc_without_teaching, completion_with_teaching,
+    Keys: lr_delta (LR; named so it never collides with an optimiser "lr"), ndr, les, acc_with_teaching, acc_without_teaching, completion_with_teaching,
     completion_without_teaching, teaching_tokens_mean, probe_tokens_mean, teacher_tokens_mean,
     teaching_tag_rate, teacher_truncated_rate, leak_rate, reward_mean, reward_std, plus the mean of every
     reward term as ``reward/<term>``.
@@ -85,7 +85,7 @@ def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
     teach_tokens = [e.teaching_tokens for e in episodes]
     rewards = np.asarray([e.reward for e in episodes], dtype=np.float64)
     out = {
-        "lr": learning_rate(deltas),
+        "lr_delta": learning_rate(deltas),
         "ndr": non_degradation_rate(deltas),
         "les": learning_efficiency_score(deltas, teach_tokens),
         "acc_with_teaching": accuracy([e.p1 for e in episodes]),

@@ -60,7 +60,7 @@ def test_rollout_metrics_on_a_hand_built_batch():
     )  # Δ = −0.5
     batch = RolloutBatch([ProblemGroup("a", "q", "1", base, 0.5, "probe", 7, [e1, e2])])
     m = rollout_metrics(batch)
-    assert m["lr"] == pytest.approx(0.0)
+    assert m["lr_delta"] == pytest.approx(0.0)
     assert m["ndr"] == pytest.approx(0.5)
     assert m["les"] == pytest.approx(0.0)
     assert m["acc_with_teaching"] == pytest.approx(0.5)
