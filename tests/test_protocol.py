@@ -98,3 +98,18 @@ def test_settings_from_the_job_config():
     c.reward.name = "nope"
     with pytest.raises(ValueError, match="known rewards"):
         rollout_settings_from_config(c)
+
+
+def test_too_long_teacher_prompt_is_an_error_naming_problem_and_flag():
+    from protocol_helpers import HFEngine, make_model
+
+    from atlas_jax.data.rl import Problem
+    from atlas_jax.protocol.rollout import TwoPassRollout
+
+    tok = make_tokenizer()
+    engine = HFEngine(make_model(tok), tok)
+    rollout = TwoPassRollout(engine, engine, RolloutSettings(max_prompt_tokens=10))
+    with pytest.raises(ValueError, match=r"problem 'p7' has \d+ tokens > protocol.max_prompt_tokens=10"):
+        rollout.teacher_prompts([Problem("p7", "What is 2+2?", "4")], ["add them"])
+    with pytest.raises(ValueError, match="at least one problem"):
+        rollout.run([])
