@@ -106,7 +106,12 @@ def _strip_command(s: str, name: str) -> str:
         s = new
 
 
-_UNIT_TAIL_RE = re.compile(r"^(-?[\d.,/]+)\s*(?:[a-zA-Z°]+\.?(?:\s*[a-zA-Z]+)?|\^\\circ|\\circ)$")
+# A number followed by unit words: "12 cm", "5 apples", "3 sq ft". Without a space only known units
+# count ("12cm"), so that "3x" stays an algebraic answer.
+_UNITS = "mm|cm|m|km|in|ft|yd|mi|g|kg|mg|lb|lbs|oz|s|sec|min|h|hr|hrs|ml|l|mph|kph|cents|dollars|degrees|deg"
+_UNIT_TAIL_RE = re.compile(
+    r"^(-?[\d.,/]+)(?:\s+[a-zA-Z]+\.?(?:\s+[a-zA-Z]+\.?)?|(?:" + _UNITS + r")(?:\^?[23])?)$"
+)
 
 
 def normalize_answer(answer: str) -> str:
