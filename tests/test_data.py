@@ -169,3 +169,16 @@ def test_sft_errors(tmp_path, tokenizer):
     assert tokenizer.decode([t for t, m in zip(ex.input_ids, ex.completion_mask, strict=True) if m][:-1]) == (
         teacher_target("y", "z")
     )
+
+
+def test_unreachable_hub_fails_quickly(monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a local port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    with pytest.raises(DataError, match="hub is not reachable"):
+        load_problems("some-org/some-dataset")
