@@ -74,6 +74,8 @@ class CompletionsRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     logprobs: int | None = None
+    top_k: int = 0  # vLLM extension
+    stop_token_ids: list[int] = []  # vLLM extension
     return_tokens_as_token_ids: bool = False
 
 
@@ -90,6 +92,8 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     logprobs: bool = False
+    top_k: int = 0  # vLLM extension
+    stop_token_ids: list[int] = []  # vLLM extension
     return_tokens_as_token_ids: bool = False
 
 
@@ -296,6 +300,8 @@ def create_app(
             temperature=req.temperature,
             top_p=req.top_p,
             max_tokens=req.max_tokens,
+            top_k=req.top_k,
+            stop_token_ids=tuple(req.stop_token_ids),
             stop_strings=_stops(req.stop),
             seed=req.seed,
         )
@@ -328,6 +334,8 @@ def create_app(
             temperature=req.temperature,
             top_p=req.top_p,
             max_tokens=req.max_completion_tokens or req.max_tokens or 128,
+            top_k=req.top_k,
+            stop_token_ids=tuple(req.stop_token_ids),
             stop_strings=_stops(req.stop),
             seed=req.seed,
         )

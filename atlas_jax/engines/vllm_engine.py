@@ -17,6 +17,7 @@ and logs a warning once — recompute with the learner if you need them exact in
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -151,9 +152,10 @@ class VLLMEngine(Engine):
             )
         ids = [self.encode(p, where=f"prompts[{i}]") for i, p in enumerate(prompts)]
         stop_ids = sorted(set(params.stop_token_ids) | set(self._eos_ids()))
+        greedy = params.temperature == 0
         sps = [
             vllm.SamplingParams(
-                n=n,
+                n=1 if greedy else n,  # vLLM refuses n > 1 when greedy; the copies are identical.
                 temperature=params.temperature,
                 top_p=params.top_p,
                 top_k=params.top_k,
@@ -167,10 +169,22 @@ class VLLMEngine(Engine):
             for i in range(len(ids))
         ]
         outs = self._llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], sps, use_tqdm=False)
-        return [
-            [self._completion(p, o) for o in sorted(out.outputs, key=lambda o: o.index)]
-            for p, out in zip(ids, outs, strict=True)
-        ]
+        result = []
+        for p, out in zip(ids, outs, strict=True):
+            group = [self._completion(p, o) for o in sorted(out.outputs, key=lambda o: o.index)]
+            if greedy:
+                g = group[0]
+                group = [
+                    dataclasses.replace(
+                        g,
+                        prompt_ids=list(g.prompt_ids),
+                        token_ids=list(g.token_ids),
+                        logprobs=list(g.logprobs),
+                    )
+                    for _ in range(n)
+                ]
+            result.append(group)
+        return result
 
     def _completion(self, prompt_ids: list[int], out: Any) -> Completion:
         tokens = list(out.token_ids)
