@@ -65,12 +65,18 @@ def get_config() -> ml_collections.ConfigDict:
         ""  # student-with-teaching template; empty = built-in ({question}, {teaching})
     )
     c.protocol.baseline_template = ""  # student-alone template; empty = the built-in one ({question})
-    c.protocol.probe_temperature = 0.0  # temperature of the probe only (0 = greedy; overrides student_temperature)
-    c.protocol.student_chat = False  # student prompts through the student tokenizer's chat template (else raw text)
+    c.protocol.probe_temperature = (
+        0.0  # temperature of the probe only (0 = greedy; overrides student_temperature)
+    )
+    c.protocol.student_chat = (
+        False  # student prompts through the student tokenizer's chat template (else raw text)
+    )
     c.protocol.teacher_chat = False  # teacher prompts (and SFT prompts) through the teacher's chat template
     c.protocol.student_system = ""  # system message of chat-mode student prompts ("" = none)
     c.protocol.teacher_system = ""  # system message of chat-mode teacher prompts ("" = none)
-    c.protocol.answer_extractor = "default"  # "default" (boxed/solution/final-answer) or "rcl_compat" (original's)
+    c.protocol.answer_extractor = (
+        "default"  # "default" (boxed/solution/final-answer) or "rcl_compat" (original's)
+    )
     c.protocol.verifier = "auto"  # "auto" (normalised, then math-verify), "math", "normalised" or "exact"
     c.protocol.missing_teaching = (
         "strip_thinking"  # no <teaching> tag: "strip_thinking" (rest minus <thinking>) or "empty"
@@ -82,7 +88,9 @@ def get_config() -> ml_collections.ConfigDict:
         2.0  # weight of max(-delta, 0); 0 = the seed's "zero for degradation"
     )
     c.reward.efficiency_weight = 1.0  # weight of the efficiency bonus on improvements (seed value)
-    c.reward.efficiency = "teaching_length"  # eff: "teaching_length" (1 - L_teach/budget) or "student_shorter"
+    c.reward.efficiency = (
+        "teaching_length"  # eff: "teaching_length" (1 - L_teach/budget) or "student_shorter"
+    )
     c.reward.leak_penalty = 0.0  # > 0: teaching that states the answer loses its gain and pays this (0 = off)
 
     c.engine = ml_collections.ConfigDict()
@@ -90,6 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
         "jax"  # engine that samples the policy: "jax" (embedded sampler) or "vllm" (in-process)
     )
     c.engine.student = "jax"  # engine for the frozen student: "jax", "vllm", "vllm_server" or "openai"
+    c.engine.student_url = ""  # comma-separated base URLs when engine.student is "vllm_server" or "openai"
 
     c.sft = ml_collections.ConfigDict()
     c.sft.learning_rate = 1e-5  # peak learning rate of the SFT schedule
@@ -150,6 +159,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint.keep = 3  # newest checkpoints kept on disk
     c.checkpoint.async_save = True  # write checkpoints in a background thread while training continues
     c.checkpoint.resume = True  # resume from the newest checkpoint in output_dir/checkpoints when one exists
+    c.checkpoint.stop_after_steps = (
+        0  # leave (after a checkpoint) once this many steps ran in this process; 0 = run to the end
+    )
     c.checkpoint.export_hf_dir = ""  # when set, export the final policy as an HF folder here (loads in vLLM)
 
     c.logging = ml_collections.ConfigDict()

@@ -56,14 +56,15 @@ def mesh_from_config(config: Any) -> Mesh:
 
 
 def _preset(name: str) -> ModelConfig:
+    """A named architecture from ``configs/model/<name>.py`` (random init)."""
     try:
         module = importlib.import_module(f"configs.model.{name}")
     except ModuleNotFoundError as e:
-        raise ValueError(f"unknown model preset {name!r}: no configs/model/{name}.py") from e
+        raise ValueError(
+            f"unknown model preset {name!r}: no configs/model/{name}.py (--config.model.*_preset)"
+        ) from e
     cfg = module.get_config()
-    if isinstance(cfg, ModelConfig):
-        return cfg
-    return ModelConfig.from_hf(dict(cfg))
+    return cfg if isinstance(cfg, ModelConfig) else ModelConfig.from_dict(dict(cfg))
 
 
 def model_config(path: str, preset: str, *, model_section: Any) -> ModelConfig:
@@ -155,6 +156,7 @@ def make_policy(
     total_steps: int,
     extra_init: Any = None,
     init_path: str | None = None,
+    model_cfg: ModelConfig | None = None,
 ) -> Policy:
     """Builds (or resumes) the policy for a learner.
 
@@ -164,10 +166,19 @@ def make_policy(
       total_steps: optimiser updates in the run.
       extra_init: ``fn(params) -> {name: tree}`` of extra trees to checkpoint (e.g. a reference copy).
       init_path: override of ``config.model.teacher`` (e.g. the SFT output inside a pipeline).
+      model_cfg: use this architecture instead of the one named by the config (random init unless a
+        path is given); dtypes and remat still come from ``config.model``.
     """
     mesh = mesh_from_config(config)
     path = config.model.teacher if init_path is None else init_path
-    cfg = model_config(path, config.model.teacher_preset, model_section=config.model)
+    if model_cfg is not None:
+        cfg = model_cfg.replace(
+            param_dtype=str(config.model.param_dtype),
+            dtype=str(config.model.compute_dtype),
+            remat=bool(config.model.remat),
+        )
+    else:
+        cfg = model_config(path, config.model.teacher_preset, model_section=config.model)
     flat = load_flat_params(path, cfg)
     model = build_model(cfg, flat, mesh=mesh, seed=int(config.seed))
     graphdef, params, rest = split_model(model)

@@ -164,6 +164,7 @@ def train_sft(
     pending: tuple[int, Any, dict] | None = None
     eval_every = int(sc.eval_every)
     t_last = time.perf_counter()
+    end, stop_after = total, int(config.checkpoint.stop_after_steps)
     for step in range(policy.start_step, total):
         with timer("data"):
             arrays = _arrays(
@@ -183,15 +184,20 @@ def train_sft(
             pending[2].update(evaluate(policy, eval_fn, eval_examples, config, pad_id))
         policy.save(step + 1, data_position=order.position)
         bar.update(1)
+        if stop_after and step + 1 - policy.start_step >= stop_after:
+            end = step + 1
+            break
+    finished = end == total
     if pending is not None:
-        if eval_examples and not (eval_every and pending[0] % eval_every == 0):
+        if finished and eval_examples and not (eval_every and pending[0] % eval_every == 0):
             pending[2].update(evaluate(policy, eval_fn, eval_examples, config, pad_id))
         _log(writer, *pending)
-    policy.save(total, data_position=order.position, force=True)
+    policy.save(end, data_position=order.position, force=True)
     policy.ckpt.wait()
     bar.close()
     writer.close()
-    _maybe_export(config, policy)
+    if finished:
+        _maybe_export(config, policy)
     return policy
 
 

@@ -1,0 +1,165 @@
+"""The GRPO training loop: push weights → two-pass rollout → update → log / checkpoint / eval.
+
+``train_grpo(config, train, eval, teacher, student, policy)`` is the library call (the pipeline uses it
+with its own engines); ``run_grpo(config)`` builds data, policy and engines from the config first.
+Per step the timings of each phase are logged (``time/weight_push``, ``time/rollout`` with the teacher /
+student generation time inside it, ``time/update``, ``time/checkpoint``), plus every rollout metric
+(``atlas_jax.metrics.rollout_metrics``: reward mean/std and terms, LR, NDR, LES, accuracies, completion
+rate, lengths), the learner's metrics (loss, KL, clip fraction, entropy, grad norm, sampler-vs-trainer
+log-prob mismatch) and throughput.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from atlas_jax.engines.base import Engine
+from atlas_jax.metrics import rollout_metrics
+from atlas_jax.protocol.batch import RolloutBatch
+from atlas_jax.protocol.rollout import TwoPassRollout
+from atlas_jax.training import rl_setup
+from atlas_jax.training.grpo import GRPOLearner, GRPOSpec
+from atlas_jax.training.runtime import Policy, make_policy
+from atlas_jax.training.sft import EpochOrder, _maybe_export
+from atlas_jax.training.writers import MetricsWriter, PhaseTimer, progress_bar
+
+
+class _Timed(Engine):
+    """Wraps an engine to add the seconds spent in ``generate`` to a phase of a ``PhaseTimer``."""
+
+    def __init__(self, inner: Engine, timer: PhaseTimer, phase: str) -> None:
+        self.inner, self.timer, self.phase = inner, timer, phase
+
+    def generate(self, prompts, params, n=1):
+        with self.timer(self.phase):
+            return self.inner.generate(prompts, params, n)
+
+    def update_weights(self, params) -> None:
+        self.inner.update_weights(params)
+
+    @property
+    def tokenizer(self):
+        return self.inner.tokenizer
+
+
+def episode_samples(batch: RolloutBatch, k: int) -> list[dict[str, Any]]:
+    """The first ``k`` episodes as JSON-able dicts (problem, probe, teaching, student answers, reward)."""
+    out = []
+    for g in batch.groups:
+        for e in g.episodes:
+            if len(out) >= k:
+                return out
+            out.append({
+                "problem": g.problem, "answer": g.answer, "p0": g.p0, "probe": g.probe,
+                "teacher_completion": e.teacher_text, "teaching": e.teaching, "student_answers": e.taught.texts,
+                "p1": e.p1, "delta": e.delta, "reward": e.reward, "reward_terms": e.reward_terms,
+            })  # fmt: skip
+    return out
+
+
+def train_grpo(
+    config: Any,
+    train: Sequence[Any],
+    eval_problems: Sequence[Any],
+    teacher: Engine,
+    student: Engine,
+    policy: Policy,
+) -> Policy:
+    """Runs (or resumes) ``config.grpo.num_steps`` rollout steps on ``policy``."""
+    g, lg = config.grpo, config.logging
+    spec = GRPOSpec.from_config(config)
+    learner = GRPOLearner(policy, spec)
+    timer = PhaseTimer()
+    rollout = TwoPassRollout(_Timed(student, timer, "student_generate"), _Timed(teacher, timer, "teacher_generate"),
+                             rl_setup.rollout_settings(config))  # fmt: skip
+    order = EpochOrder(len(train), int(config.seed), bool(config.data.shuffle), policy.data_position)
+    writer = MetricsWriter(config.output_dir, tensorboard=bool(lg.tensorboard), resume_step=policy.start_step)
+    total = int(g.num_steps)
+    bar = progress_bar(total, policy.start_step, "grpo", bool(lg.progress_bar))
+    eval_every = int(config.eval.every_steps)
+    end, stop_after = total, int(config.checkpoint.stop_after_steps)
+    for step in range(policy.start_step, total):
+        t0 = time.perf_counter()
+        with timer("weight_push"):
+            teacher.update_weights(policy.params)  # on-policy: every rollout samples the newest weights
+        problems = [train[i] for i in order.take(int(g.problems_per_step))]
+        with timer("rollout"):
+            batch = rollout.run(problems, step)
+        episodes = batch.episodes
+        with timer("update"):
+            arrays = learner.build_batch(
+                [e.teacher_prompt_ids for e in episodes], [e.teacher_completion_ids for e in episodes],
+                [e.teacher_logprobs for e in episodes], batch.rewards(),
+            )  # fmt: skip
+            metrics = jax.device_get(learner.update(arrays, step))
+        with timer("checkpoint"):
+            policy.save(step + 1, data_position=order.position, extra=policy.extra)
+        record = {
+            **rollout_metrics(batch),
+            **metrics,
+            "lr": float(policy.schedule(int(policy.state.step) - 1)),
+        }
+        record.update(timer.pop())
+        dt = time.perf_counter() - t0
+        record["time/step"] = dt
+        record["teacher_tokens_per_s"] = float(sum(len(e.teacher_completion_ids) for e in episodes)) / max(
+            dt, 1e-9
+        )
+        if (eval_every and (step + 1) % eval_every == 0) or step + 1 == total:
+            record.update(_evaluate(config, rollout, teacher, policy, eval_problems, writer, step + 1))
+        writer.write(step + 1, record)
+        bar.set_postfix(reward=f"{record['reward_mean']:.3f}", ndr=f"{record['ndr']:.2f}")
+        bar.update(1)
+        if stop_after and step + 1 - policy.start_step >= stop_after:
+            end = step + 1
+            break
+    policy.save(end, data_position=order.position, extra=policy.extra, force=True)
+    policy.ckpt.wait()
+    bar.close()
+    writer.close()
+    if end == total:
+        _maybe_export(config, policy)
+    return policy
+
+
+def _evaluate(
+    config, rollout: TwoPassRollout, teacher: Engine, policy: Policy, problems, writer, step
+) -> dict:
+    """Runs the protocol on up to ``eval.num_problems`` held-out problems; logs ``eval/*`` and samples."""
+    if not problems:
+        return {}
+    teacher.update_weights(policy.params)
+    chosen = list(problems)[: int(config.eval.num_problems)]
+    batch = rollout.run(chosen, 10_000_000 + step)  # a step offset disjoint from training seeds
+    writer.write_samples(step, episode_samples(batch, int(config.logging.num_samples)))
+    return {f"eval/{k}": v for k, v in rollout_metrics(batch).items()}
+
+
+def run_grpo(config: Any, *, init_path: str | None = None) -> Policy:
+    """``job == "grpo"``: problems, policy (resumed if a checkpoint exists) and engines from the config."""
+    from atlas_jax.data.loading import train_eval_split
+    from atlas_jax.data.rl import load_problems
+
+    d = config.data
+    problems = load_problems(d.rl_path, problem_field=d.problem_field, answer_field=d.answer_field)
+    if d.eval_path:
+        train = problems
+        evals = load_problems(d.eval_path, problem_field=d.problem_field, answer_field=d.answer_field)
+    else:
+        train, evals = train_eval_split(problems, float(d.eval_fraction), int(config.seed))
+    g = config.grpo
+    policy = make_policy(
+        config, learning_rate=float(g.learning_rate), total_steps=int(g.num_steps) * int(g.num_iterations),
+        extra_init=GRPOLearner.extra_init(float(g.beta)), init_path=init_path,
+    )  # fmt: skip
+    teacher = rl_setup.teacher_engine(config, policy)
+    student = rl_setup.student_engine(config)
+    try:
+        return train_grpo(config, train, evals, teacher, student, policy)
+    finally:
+        teacher.close()
+        student.close()

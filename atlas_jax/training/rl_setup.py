@@ -1,0 +1,132 @@
+"""Config → protocol objects and engines for the GRPO loop (templates, rollout settings, student/teacher).
+
+Kept apart from the loop so the loop only sees ``Engine``s and ``RolloutSettings``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from atlas_jax.engines.base import Engine
+from atlas_jax.protocol.batch import RolloutSettings
+from atlas_jax.protocol.templates import Templates
+from atlas_jax.rewards import RewardParams
+
+# config.protocol field -> Templates field (empty config value = the built-in template).
+_TEMPLATE_FIELDS = {
+    "probe_template": "student_probe",
+    "teacher_template": "teacher",
+    "taught_template": "student_taught",
+    "baseline_template": "student_baseline",
+}
+
+
+def templates_from_config(config: Any) -> Templates:
+    """The protocol templates; raises ``ValueError`` naming the flag when a placeholder is missing."""
+    p = config.protocol
+    values = {field: getattr(p, key) for key, field in _TEMPLATE_FIELDS.items() if getattr(p, key, "")}
+    for flag in ("student_chat", "teacher_chat", "student_system", "teacher_system"):
+        if flag in p:
+            values[flag] = p[flag]
+    try:
+        return Templates(**values)
+    except ValueError as e:
+        flags = ", ".join(f"--config.protocol.{k}" for k in _TEMPLATE_FIELDS)
+        raise ValueError(f"{e} (templates are set by {flags})") from e
+
+
+def reward_params_from_config(config: Any) -> RewardParams:
+    r = config.reward
+    kwargs = {
+        "degradation_penalty_multiplier": float(r.degradation_penalty_multiplier),
+        "efficiency_weight": float(r.efficiency_weight),
+    }
+    for name in ("leak_penalty", "efficiency"):
+        if name in r:
+            kwargs[name] = r[name]
+    return RewardParams(**kwargs)
+
+
+def rollout_settings(config: Any) -> RolloutSettings:
+    """``RolloutSettings`` from ``config.protocol`` / ``config.grpo`` / ``config.reward``."""
+    p, g = config.protocol, config.grpo
+    kwargs: dict[str, Any] = dict(
+        k=int(p.num_baseline_samples),
+        m=int(p.num_student_samples),
+        group_size=int(g.num_generations),
+        max_probe_tokens=int(p.max_probe_tokens),
+        max_teaching_tokens=int(p.max_teaching_tokens),
+        max_prompt_tokens=int(p.max_prompt_tokens),
+        max_student_tokens=int(p.max_student_tokens),
+        student_temperature=float(p.student_temperature),
+        teacher_temperature=float(g.temperature),
+        teacher_top_p=float(g.top_p),
+        templates=templates_from_config(config),
+        reward=str(config.reward.name),
+        reward_params=reward_params_from_config(config),
+        seed=int(config.seed),
+    )
+    names = {f.name for f in dataclasses.fields(RolloutSettings)}
+    for name in ("probe_temperature", "answer_extractor", "verifier", "missing_teaching"):
+        if name in p and name in names:
+            kwargs[name] = p[name]
+    return RolloutSettings(**kwargs)
+
+
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if (p / "hf").is_dir() and not (p / "tokenizer.json").is_file():
+        p = p / "hf"  # an atlas-jax checkpoint keeps its tokenizer under hf/
+    return AutoTokenizer.from_pretrained(str(p))
+
+
+def student_engine(config: Any, mesh: Any = None) -> Engine:
+    """The frozen student named by ``config.model.student`` on ``config.engine.student``."""
+    kind, path = str(config.engine.student), str(config.model.student)
+    if kind == "jax":
+        from atlas_jax.engines.jax_sampler import JaxSampler
+        from atlas_jax.models.params import build_model
+        from atlas_jax.training.runtime import load_flat_params, model_config
+
+        cfg = model_config(path, str(config.model.student_preset), model_section=config.model).replace(
+            remat=False
+        )
+        model = build_model(cfg, load_flat_params(path, cfg), mesh=mesh, seed=int(config.seed) + 1)
+        return JaxSampler(model, load_tokenizer(path) if path else None)
+    if kind == "vllm":
+        from atlas_jax.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(path, seed=int(config.seed))
+    if kind in ("vllm_server", "openai"):
+        from atlas_jax.engines.server_client import ServerEngine
+
+        return ServerEngine(str(config.engine.student_url).split(","), tokenizer=path or None)
+    raise ValueError(f"unknown --config.engine.student={kind!r}; choose jax, vllm, vllm_server or openai")
+
+
+def teacher_engine(config: Any, policy: Any) -> Engine:
+    """The engine sampling the policy; it receives new weights before every rollout."""
+    kind = str(config.engine.teacher)
+    tok_path = config.model.tokenizer or config.model.teacher
+    tokenizer = load_tokenizer(tok_path) if tok_path else None
+    if kind == "jax":
+        from atlas_jax.engines.jax_sampler import JaxSampler
+        from atlas_jax.training.train_step import merge_model
+
+        return JaxSampler(merge_model(policy.graphdef, policy.params, policy.rest), tokenizer)
+    if kind == "vllm":
+        import jax
+
+        from atlas_jax.engines.vllm_engine import VLLMEngine
+        from converters.jax_to_hf import export_hf_dir
+
+        folder = export_hf_dir(
+            jax.device_get(policy.params), policy.model_cfg, Path(config.output_dir) / "vllm_policy",
+            tokenizer_src=tok_path or None, overwrite=True,
+        )  # fmt: skip
+        return VLLMEngine(folder, seed=int(config.seed))
+    raise ValueError(f"unknown --config.engine.teacher={kind!r}; choose jax or vllm")

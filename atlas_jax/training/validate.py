@@ -1,0 +1,152 @@
+"""Start-up validation of a run config: every problem found at once, each naming the flag(s) to change.
+
+``validate_config(config)`` raises ``ConfigError`` listing all problems, before any model is built or
+any data is read, so a bad batch layout fails in a second rather than after a long compile.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from atlas_jax.training.advantages import ADVANTAGE_MODES
+from atlas_jax.training.losses import AGGREGATIONS
+from atlas_jax.training.optimizer import SCHEDULES
+
+JOBS = ("sft", "grpo", "pipeline")
+TEACHER_ENGINES = ("jax", "vllm")
+STUDENT_ENGINES = ("jax", "vllm", "vllm_server", "openai")
+REF_UPDATES = ("frozen", "ema")
+
+
+class ConfigError(ValueError):
+    """One or more config problems; the message has one line per problem."""
+
+
+def _batch_shards(config: Any, num_devices: int) -> tuple[int, list[str]]:
+    from atlas_jax.training.runtime import resolve_mesh_shape
+
+    try:
+        data, fsdp, _ = resolve_mesh_shape(tuple(config.mesh.shape), num_devices)
+    except ValueError as e:
+        return 1, [str(e)]
+    return data * fsdp, []
+
+
+def _check_layout(
+    errors: list[str], section: str, rows: int, rows_flag: str, micro: int, shards: int
+) -> None:
+    if micro < 1:
+        errors.append(f"--config.{section}.micro_batch_size must be >= 1, got {micro}")
+        return
+    if rows % micro:
+        errors.append(
+            f"{rows_flag} = {rows} rows per step is not a multiple of --config.{section}.micro_batch_size={micro}: "
+            f"change one of them so the rows split into whole micro-batches"
+        )
+    if micro % shards:
+        errors.append(
+            f"--config.{section}.micro_batch_size={micro} must be a multiple of data x fsdp = {shards} devices "
+            f"(--config.mesh.shape) so every micro-batch shards evenly"
+        )
+
+
+def _grpo_errors(config: Any, shards: int) -> list[str]:
+    g, p, e = config.grpo, config.protocol, []
+    if g.num_generations < 2:
+        e.append(f"--config.grpo.num_generations={g.num_generations}: groups need >= 2 samples to compare")
+    rows = int(g.problems_per_step) * int(g.num_generations)
+    _check_layout(
+        e, "grpo", rows, "grpo.problems_per_step x grpo.num_generations", int(g.micro_batch_size), shards
+    )
+    if g.advantage not in ADVANTAGE_MODES:
+        e.append(f"--config.grpo.advantage={g.advantage!r}: choose one of {ADVANTAGE_MODES}")
+    if g.loss_aggregation not in AGGREGATIONS:
+        e.append(f"--config.grpo.loss_aggregation={g.loss_aggregation!r}: choose one of {AGGREGATIONS}")
+    if g.ref_update not in REF_UPDATES:
+        e.append(f"--config.grpo.ref_update={g.ref_update!r}: choose one of {REF_UPDATES}")
+    if not 0 < g.ref_alpha <= 1 or g.ref_sync_steps < 1:
+        e.append("--config.grpo.ref_alpha must be in (0, 1] and --config.grpo.ref_sync_steps >= 1")
+    if g.temperature <= 0:
+        e.append(f"--config.grpo.temperature={g.temperature}: GRPO needs sampling (> 0), not greedy decoding")
+    if not (0 <= g.epsilon_low < 1 and g.epsilon_high >= 0):
+        e.append("--config.grpo.epsilon_low must be in [0, 1) and --config.grpo.epsilon_high >= 0")
+    if g.beta < 0:
+        e.append(f"--config.grpo.beta={g.beta} must be >= 0 (0 disables the reference)")
+    for name in ("num_iterations", "num_steps", "logprob_chunk", "problems_per_step"):
+        if g[name] < 1:
+            e.append(f"--config.grpo.{name} must be >= 1, got {g[name]}")
+    for name in ("max_probe_tokens", "max_teaching_tokens", "max_student_tokens", "max_prompt_tokens"):
+        if p[name] < 1:
+            e.append(f"--config.protocol.{name} must be >= 1, got {p[name]}")
+    for name in ("num_baseline_samples", "num_student_samples"):
+        if p[name] < 1:
+            e.append(f"--config.protocol.{name} must be >= 1, got {p[name]}")
+    if config.engine.teacher not in TEACHER_ENGINES:
+        e.append(f"--config.engine.teacher={config.engine.teacher!r}: choose one of {TEACHER_ENGINES}")
+    if config.engine.student not in STUDENT_ENGINES:
+        e.append(f"--config.engine.student={config.engine.student!r}: choose one of {STUDENT_ENGINES}")
+    elif config.engine.student in ("vllm_server", "openai") and not config.engine.student_url:
+        e.append(f"--config.engine.student={config.engine.student} needs --config.engine.student_url")
+    from atlas_jax.rewards import REWARDS
+
+    if config.reward.name not in REWARDS:
+        e.append(
+            f"--config.reward.name={config.reward.name!r} is not a known reward; choose one of {sorted(REWARDS)}"
+        )
+    from atlas_jax.training.rl_setup import reward_params_from_config, templates_from_config
+
+    for build in (templates_from_config, reward_params_from_config):
+        try:
+            build(config)
+        except ValueError as err:
+            e.append(str(err))
+    return e
+
+
+def _sft_errors(config: Any, shards: int) -> list[str]:
+    s, e = config.sft, []
+    _check_layout(e, "sft", int(s.batch_size), "--config.sft.batch_size", int(s.micro_batch_size), shards)
+    if s.max_length < 2:
+        e.append(f"--config.sft.max_length={s.max_length} must be >= 2")
+    if s.num_steps < 0 or (s.num_steps == 0 and s.num_epochs <= 0):
+        e.append("set --config.sft.num_steps > 0 or --config.sft.num_epochs > 0")
+    if s.packing:
+        from atlas_jax.models.decoder import Decoder
+        from atlas_jax.training.sft import packing_supported
+
+        if not packing_supported(Decoder):
+            e.append(
+                "--config.sft.packing=True needs segment-aware attention, which the decoder lacks; set it False"
+            )
+    return e
+
+
+def validate_config(config: Any, num_devices: int | None = None) -> None:
+    """Checks the config for ``config.job``; raises ``ConfigError`` listing every problem found."""
+    errors: list[str] = []
+    if config.job not in JOBS:
+        raise ConfigError(f"--config.job={config.job!r}: choose one of {JOBS}")
+    shards, mesh_errors = _batch_shards(config, num_devices or jax.device_count())
+    errors += mesh_errors
+    if config.optim.schedule not in SCHEDULES:
+        errors.append(f"--config.optim.schedule={config.optim.schedule!r}: choose one of {SCHEDULES}")
+    if config.checkpoint.keep < 1 or config.checkpoint.every_steps < 0:
+        errors.append("--config.checkpoint.keep must be >= 1 and --config.checkpoint.every_steps >= 0")
+    if config.job in ("sft", "pipeline"):
+        errors += _sft_errors(config, shards)
+    if config.job in ("grpo", "pipeline"):
+        errors += _grpo_errors(config, shards)
+    if config.job == "sft" and not config.data.sft_path:
+        errors.append("--config.job=sft needs --config.data.sft_path")
+    if config.job == "grpo" and not config.data.rl_path:
+        errors.append("--config.job=grpo needs --config.data.rl_path")
+    if config.job == "grpo" and not (config.model.student or config.model.student_preset):
+        errors.append(
+            "--config.job=grpo needs the frozen student: set --config.model.student (or student_preset)"
+        )
+    if config.job != "pipeline" and not (config.model.teacher or config.model.teacher_preset):
+        errors.append("set --config.model.teacher (HF or checkpoint folder) or --config.model.teacher_preset")
+    if errors:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
