@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_dtypes
 import numpy as np
 
@@ -101,6 +102,11 @@ def convert(
     flat = mapping.hf_to_flat(tensors, cfg, dtype=None if dtype is None else np_dtype(dtype))
     tensors.close()
     cfg = cfg.replace(param_dtype=_stored_dtype(flat, hf_dir))
+    # Orbax copies numpy leaves into extra host buffers while saving (~2x the weights) but jax arrays
+    # only once more (~0.85x), so move each tensor to a (host) jax array, dropping the numpy copy.
+    cpu = jax.devices("cpu")[0]
+    for key in list(flat):
+        flat[key] = jax.device_put(flat.pop(key), cpu)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         with Checkpointer(tmp) as ckpt:
             ckpt.save(0, flat, meta={"source": str(Path(hf_dir).absolute()), "kind": "params"}, force=True)

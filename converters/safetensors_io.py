@@ -1,9 +1,8 @@
 """Reading and writing HF safetensors folders, lazily and atomically.
 
 Reading: ``SafetensorsFolder(dir)`` is a read-only ``Mapping[name, np.ndarray]`` over a folder's
-``model.safetensors`` or the shards listed in ``model.safetensors.index.json``; each lookup reads
-one tensor from its file (memory-mapped by safetensors), so a conversion never holds the whole
-checkpoint twice.
+``model.safetensors`` or the shards listed in ``model.safetensors.index.json``; each lookup opens the file, copies one
+tensor out and closes it, so a conversion never holds the whole checkpoint twice.
 
 Writing: ``write_safetensors`` consumes an iterator of ``(name, array)`` and writes shards of at
 most ``max_shard_bytes`` (a single tensor larger than that gets a shard of its own), naming them
@@ -22,7 +21,6 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -67,7 +65,6 @@ class SafetensorsFolder(Mapping[str, np.ndarray]):
         for file in sorted(set(self._where.values())):
             if not file.exists():
                 raise FileNotFoundError(f"{index}: shard {file.name} listed in weight_map does not exist")
-        self._handles: dict[Path, Any] = {}
 
     @staticmethod
     def _keys_of(file: Path) -> list[str]:
@@ -77,18 +74,13 @@ class SafetensorsFolder(Mapping[str, np.ndarray]):
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{file}: cannot read safetensors header ({e})") from e
 
-    def _handle(self, file: Path) -> Any:
-        if file not in self._handles:
-            try:
-                self._handles[file] = safe_open(file, framework="np")
-            except (SafetensorError, OSError) as e:
-                raise ValueError(f"{file}: cannot open safetensors file ({e})") from e
-        return self._handles[file]
-
     def __getitem__(self, name: str) -> np.ndarray:
+        # Open per tensor: the file's memory map is dropped right after the copy, so resident memory
+        # holds the returned arrays only (not the mapped pages of every tensor read so far).
         file = self._where[name]
         try:
-            return self._handle(file).get_tensor(name)
+            with safe_open(file, framework="np") as f:
+                return f.get_tensor(name)
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{file}: cannot read tensor {name!r} ({e})") from e
 
@@ -106,8 +98,7 @@ class SafetensorsFolder(Mapping[str, np.ndarray]):
         return self._where[name]
 
     def close(self) -> None:
-        """Drops the open file handles (their memory maps close when collected)."""
-        self._handles.clear()
+        """Nothing to release (files are opened per tensor); kept so callers need not care."""
 
 
 def write_safetensors(

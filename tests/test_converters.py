@@ -425,3 +425,28 @@ def test_export_from_decoder_state_is_bit_exact(tmp_path: Path, tok_dir: Path) -
     assert reloaded.encode("two plus two") == tokenizer.encode("two plus two")
     generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
     assert generation["eos_token_id"] == 0
+
+
+@pytest.mark.slow  # two interpreter start-ups importing jax + orbax
+def test_module_entry_points_run_as_scripts(tmp_path: Path) -> None:
+    """``python -m converters.jax_to_hf`` (and the atlas-convert module) parse flags and exit 2 with a message."""
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "converters.jax_to_hf",
+        "--ckpt",
+        str(tmp_path / "none"),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 2, proc.stderr
+    assert f"{tmp_path / 'none'}: checkpoint folder does not exist" in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "converters.cli", "bogus"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 2 and "invalid choice: 'bogus'" in proc.stderr
+    no_leftovers(tmp_path / "o")

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
-
-pytest.importorskip("vllm")
-import jax.numpy as jnp
 import transformers
 from test_converters import jax_logits, make_hf_model, train_tokenizer
 
