@@ -76,8 +76,8 @@ def make_hf_dir(out: str | os.PathLike[str], *, tied: bool, seed: int = 0, model
     return out
 
 
-def perturbed_state(hf_dir: str | os.PathLike[str], seed: int) -> dict[str, np.ndarray]:
-    """HF state dict (name -> float32 numpy) of the model in ``hf_dir`` with N(0, 0.2) noise added."""
+def perturbed_state(hf_dir: str | os.PathLike[str], seed: int, noise: float = 0.2) -> dict[str, np.ndarray]:
+    """HF state dict (name -> float32 numpy) of the model in ``hf_dir`` with N(0, noise) added."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -85,7 +85,7 @@ def perturbed_state(hf_dir: str | os.PathLike[str], seed: int) -> dict[str, np.n
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for name, p in model.state_dict().items():
-        out[name] = (p + 0.2 * torch.randn(p.shape, generator=gen)).numpy()
+        out[name] = (p + noise * torch.randn(p.shape, generator=gen)).numpy()
     if model.config.tie_word_embeddings:
         out.pop("lm_head.weight", None)
     return out

@@ -21,11 +21,19 @@ PROMPTS = [[5, 17, 42, 100, 7], [250, 3, 3, 9]]
 
 @pytest.fixture(scope="module", params=["tied", "untied"])
 def setup(request, tmp_path_factory):
+    from atlas_jax.engines.factory import make_engine
     from atlas_jax.engines.vllm_engine import VLLMEngine
+    from atlas_jax.models.config import ModelConfig
 
     tied = request.param == "tied"
     d = make_hf_dir(tmp_path_factory.mktemp(request.param), tied=tied)
-    engine = VLLMEngine(d, max_model_len=256)
+    if tied:  # Started from the HF folder, through the factory.
+        engine = make_engine("vllm", d, max_model_len=256)
+    else:  # Started from our params: exported by converters.jax_to_hf, then served.
+        cfg = ModelConfig.from_hf(d)
+        flat = mapping.hf_to_flat(perturbed_state(d, seed=0, noise=0.0), cfg)
+        engine = VLLMEngine.from_params(flat, cfg, d, tmp_path_factory.mktemp("export"), max_model_len=256)
+    assert isinstance(engine, VLLMEngine)
     ref = HFReference(d)
     yield engine, ref, d
     engine.close()

@@ -1,12 +1,8 @@
-"""``make_engine(kind, **kwargs)``: one place that maps an engine name from the config to a class.
+"""Engine construction by name, for configs: ``make_engine("vllm", model_dir=...)``.
 
-Kinds (``config.engine.student`` / ``config.engine.teacher``):
-- ``"jax"``:         ``jax_sampler.JaxSampler(model, tokenizer, ...)`` — our sampler on a param tree;
-- ``"vllm"``:        ``vllm_engine.VLLMEngine(model_dir, ...)`` — vLLM in this process;
-- ``"vllm_server"``: ``server_client.ServerEngine(urls, ...)`` — our ``launch.serve`` servers;
-- ``"openai"``:      ``openai_client.OpenAIEngine(...)`` — any OpenAI-compatible endpoint.
-Classes are imported only when asked for, so the JAX default never imports vLLM or torch.
-Keyword arguments go to the class unchanged (see each class for what it takes).
+Kinds: "jax" (``JaxSampler``, the embedded default), "vllm" (``VLLMEngine``, in-process),
+"server" (``ServerEngine``, remote ``launch.serve``), "openai" (``OpenAIEngine``). Imports are lazy so
+that a run without vLLM never imports it.
 """
 
 from __future__ import annotations
@@ -16,11 +12,11 @@ from typing import Any
 
 from atlas_jax.engines.base import Engine
 
-ENGINE_KINDS: dict[str, tuple[str, str]] = {
-    "jax": ("atlas_jax.engines.jax_sampler", "JaxSampler"),
-    "vllm": ("atlas_jax.engines.vllm_engine", "VLLMEngine"),
-    "vllm_server": ("atlas_jax.engines.server_client", "ServerEngine"),
-    "openai": ("atlas_jax.engines.openai_client", "OpenAIEngine"),
+ENGINES: dict[str, str] = {
+    "jax": "atlas_jax.engines.jax_sampler:JaxSampler",
+    "vllm": "atlas_jax.engines.vllm_engine:VLLMEngine",
+    "server": "atlas_jax.engines.server_client:ServerEngine",
+    "openai": "atlas_jax.engines.openai_client:OpenAIEngine",
 }
 
 
@@ -28,21 +24,16 @@ def engine_class(kind: str) -> type[Engine]:
     """The engine class registered as ``kind``.
 
     Raises:
-      ValueError: unknown kind (lists the known ones).
-      ImportError: the kind's module or its dependencies are not installed (names what is missing).
+      ValueError: unknown kind (the message lists the known ones).
     """
-    if kind not in ENGINE_KINDS:
-        raise ValueError(f"unknown engine kind {kind!r}; known: {sorted(ENGINE_KINDS)}")
-    module_name, class_name = ENGINE_KINDS[kind]
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ImportError(
-            f"engine kind {kind!r} needs {module_name}, which could not be imported: {e}"
-        ) from e
-    return getattr(module, class_name)
+        target = ENGINES[kind]
+    except KeyError:
+        raise ValueError(f"unknown engine kind {kind!r}; known: {sorted(ENGINES)}") from None
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def make_engine(kind: str, *args: Any, **kwargs: Any) -> Engine:
-    """Builds the engine named ``kind`` with the given arguments (see the module docstring)."""
+    """``engine_class(kind)(*args, **kwargs)``."""
     return engine_class(kind)(*args, **kwargs)

@@ -45,6 +45,7 @@ class VLLMEngine(Engine):
       gpu_memory_utilization: fraction of accelerator memory vLLM may take (ignored on CPU, where the
         KV cache size comes from ``VLLM_CPU_KVCACHE_SPACE`` GiB, default 1).
       enforce_eager: skip graph capture (faster start; required on CPU here).
+      ignore_eos: never stop at EOS (benchmarks: every completion runs to ``max_tokens``).
       llm_kwargs: passed through to ``vllm.LLM``.
 
     Raises:
@@ -60,6 +61,7 @@ class VLLMEngine(Engine):
         seed: int = 0,
         gpu_memory_utilization: float = 0.5,
         enforce_eager: bool = True,
+        ignore_eos: bool = False,
         **llm_kwargs: Any,
     ) -> None:
         model_dir = Path(model_dir)
@@ -95,6 +97,42 @@ class VLLMEngine(Engine):
         self._vocab = int(self._llm.llm_engine.model_config.get_vocab_size())
         self._max_model_len = max_model_len
         self._warned_truncation = False
+        self._ignore_eos = ignore_eos
+
+    @classmethod
+    def from_params(
+        cls,
+        params: Any,
+        model_config: Any,
+        tokenizer_src: Any,
+        workdir: str | os.PathLike[str],
+        *,
+        dtype: str = "float32",
+        **kwargs: Any,
+    ) -> VLLMEngine:
+        """Exports our params to ``workdir/hf`` (``converters.jax_to_hf``) and serves that folder.
+
+        The export happens once, to start vLLM; later updates go through ``update_weights``.
+
+        Args:
+          params: our parameter pytree (see ``weight_sync.flat_params``).
+          model_config: its ``ModelConfig``.
+          tokenizer_src: tokenizer folder or object (see ``export_hf_dir``).
+          workdir: folder for the export (``workdir/hf`` is replaced if it exists).
+          dtype: vLLM dtype and the exported weights' dtype.
+          kwargs: passed to ``VLLMEngine``.
+        """
+        from converters.jax_to_hf import export_hf_dir
+
+        hf_dir = export_hf_dir(
+            weight_sync.flat_params(params),
+            model_config,
+            Path(workdir) / "hf",
+            tokenizer_src=tokenizer_src,
+            dtype=None if dtype == "auto" else dtype,
+            overwrite=True,
+        )
+        return cls(hf_dir, dtype=dtype, **kwargs)
 
     # ------------------------------------------------------------------------------------------ sampling
     @property
@@ -151,7 +189,8 @@ class VLLMEngine(Engine):
                 "renormalised distribution, not log softmax(logits/T) (see the module docstring)"
             )
         ids = [self.encode(p, where=f"prompts[{i}]") for i, p in enumerate(prompts)]
-        stop_ids = sorted(set(params.stop_token_ids) | set(self._eos_ids()))
+        eos = () if self._ignore_eos else self._eos_ids()
+        stop_ids = sorted(set(params.stop_token_ids) | set(eos))
         greedy = params.temperature == 0
         sps = [
             vllm.SamplingParams(
@@ -165,6 +204,7 @@ class VLLMEngine(Engine):
                 seed=None if params.seed is None else params.seed + i * n,
                 logprobs=0,
                 skip_special_tokens=True,
+                ignore_eos=self._ignore_eos,
             )
             for i in range(len(ids))
         ]
