@@ -7,6 +7,7 @@ shard from ``flat_params`` with ``jax.device_put``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 
@@ -64,6 +65,13 @@ def param_count(cfg: ModelConfig) -> int:
     return sum(math.prod(x.shape) for x in flatten(nnx.state(abstract_model(cfg), nnx.Param)).values())
 
 
+@functools.lru_cache(maxsize=8)
+def _sharded_init(cfg: ModelConfig, mesh: Mesh):
+    """A jitted ``key -> State`` initialiser whose outputs are laid out on ``mesh`` (cached per cfg and mesh)."""
+    shardings = state_shardings(nnx.state(abstract_model(cfg)), mesh)
+    return jax.jit(lambda key: nnx.state(Decoder(cfg, rngs=nnx.Rngs(key))), out_shardings=shardings)
+
+
 def build_model(
     cfg: ModelConfig,
     flat_params: Mapping[str, np.ndarray | jax.Array] | None = None,
@@ -86,12 +94,10 @@ def build_model(
     shardings = state_shardings(abs_state, mesh) if mesh is not None else None
 
     if flat_params is None:
-
-        def init() -> nnx.State:
-            return nnx.state(Decoder(cfg, rngs=nnx.Rngs(seed)))
-
-        state = jax.jit(init, out_shardings=shardings)() if mesh is not None else init()
-        return nnx.merge(graphdef, state)
+        if mesh is None:
+            return Decoder(cfg, rngs=nnx.Rngs(seed))
+        # Each device creates only its shards: the full model never exists unsharded.
+        return nnx.merge(graphdef, _sharded_init(cfg, mesh)(jax.random.key(seed)))
 
     expected = flatten(abs_state)
     missing = sorted(set(expected) - set(flat_params))
