@@ -304,3 +304,69 @@ def annotate(problem: Problem, rng: random.Random, mix: AnnotatorMix) -> tuple[s
 def teaching_completion(teaching: str) -> str:
     """The teacher's completion for a teaching text: ``<teaching>...</teaching>``."""
     return f"<teaching>{teaching}</teaching>"
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSizes:
+    """How much data each phase gets.
+
+    Attributes:
+      student_rows: student training rows (``student_rows``).
+      sft_rows: teacher SFT rows written by the annotator.
+      rl_problems: problems drawn for GRPO (with replacement; multi-step ones never in eval).
+      eval_per_level: held-out problems per difficulty (distinct; multi-step ones in no other split).
+      levels: the difficulties (number of additions).
+    """
+
+    student_rows: int = 20_000
+    sft_rows: int = 2_000
+    rl_problems: int = 2_000
+    eval_per_level: int = 48
+    levels: tuple[int, ...] = (1, 2, 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTRow:
+    """One annotated teacher example: the problem, the (canonical) student plan, style and teaching."""
+
+    problem: Problem
+    approach: str
+    style: str
+    teaching: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSplits:
+    """All the data of a quickstart run; the same for every run seed (fixed ``SPLIT_SEEDS``)."""
+
+    student: list[StudentRow]
+    sft: list[SFTRow]
+    rl: list[Problem]
+    eval: list[Problem]
+
+
+def draw_with_replacement(
+    seed: int, n: int, levels: tuple[int, ...], exclude: frozenset[str]
+) -> list[Problem]:
+    """``n`` problems, difficulty uniform over ``levels``, multi-step ones not in ``exclude``."""
+    rng = random.Random(seed)
+    out: list[Problem] = []
+    while len(out) < n:
+        p = sample_problem(rng, rng.choice(levels))
+        if p.steps == 1 or p.text not in exclude:
+            out.append(p)
+    return out
+
+
+def make_splits(sizes: TaskSizes, curriculum: StudentCurriculum, mix: AnnotatorMix) -> TaskSplits:
+    """Builds the held-out eval split first, then the student, SFT and RL data around it."""
+    eval_problems = balanced_problems(SPLIT_SEEDS["eval"], sizes.eval_per_level, sizes.levels)
+    held_out = frozenset(p.text for p in eval_problems)
+    student = student_rows(SPLIT_SEEDS["student"], sizes.student_rows, curriculum, held_out)
+    rng = random.Random(SPLIT_SEEDS["sft"] + 1)
+    sft = []
+    for p in draw_with_replacement(SPLIT_SEEDS["sft"], sizes.sft_rows, sizes.levels, held_out):
+        style, teaching = annotate(p, rng, mix)
+        sft.append(SFTRow(p, probe_text(p), style, teaching))
+    rl = draw_with_replacement(SPLIT_SEEDS["rl"], sizes.rl_problems, sizes.levels, held_out)
+    return TaskSplits(student=student, sft=sft, rl=rl, eval=eval_problems)
