@@ -1,0 +1,363 @@
+"""The embedded JAX sampler: batched prefill + KV-cache decode of the policy itself (the default engine).
+
+On-policy by construction. The sampler never copies parameters. Built from an ``nnx.Module`` it reads
+``nnx.state(model)`` at every ``generate`` call, so it always samples from the module's *current* weights
+(an optimizer step that updates the module in place is seen by the next rollout). Built from
+``(graphdef, state)`` it keeps a reference to ``state``; ``update_weights(params)`` swaps that reference
+(an ``nnx.State``, a live module, or a flat ``{"a/b/c": array}`` dict) after checking paths and shapes.
+Arrays are passed to the jitted functions by reference, never donated, so the trainer's buffers stay valid.
+
+Compilation. Shapes are bucketed so repeated calls reuse two compiled programs per bucket:
+prompts per call and prompt length round up to powers of two (min 1 and 16), ``max_tokens`` to a power of
+two (min 16; the exact limit is a traced scalar). Bucket-padding rows hold one dummy token and start
+finished. Prompts are left-padded; positions count from 0 at each row's first real token.
+
+Decode. ``prefill`` runs the prompts once (``n`` samples share one prefill: the cache is repeated along the
+batch), samples token 0, and returns a `DecodeState`. ``decode`` runs a ``lax.while_loop`` of one-token
+steps until ``step == limit`` or every row has finished, with the state donated (the cache is updated in
+place). Without stop strings one ``decode`` call does the whole generation and the host syncs once; with
+stop strings the host checks the decoded text every ``stop_check_every`` steps and finishes matching rows.
+Sampling, log-probs and stop-token checks are fused into the step (see `sampling.Strategy`); tokens and
+log-probs are gathered on device and fetched once per call.
+
+Randomness. Row ``r = prompt_index * n + sample_index`` draws ``u = uniform(fold_in(fold_in(key(seed), r),
+step))``, so a fixed seed gives the same samples, and the ``n`` samples of a prompt are independent.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from atlas_jax.engines.base import Completion, Engine, Prompt, SamplingParams
+from atlas_jax.engines.sampling import Strategy
+from atlas_jax.models.kv_cache import KVCache
+from atlas_jax.models.params import flatten, unflatten
+from atlas_jax.models.sharding import spec_for
+
+_MAX_STOP_IDS = 8  # stop-id vector is padded to a multiple of this (static shape)
+
+
+class DecodeState(NamedTuple):
+    """Everything the decode loop carries (``B`` rows, ``M`` the max_tokens bucket).
+
+    Attributes:
+      cache: the KV cache (prompt + generated tokens).
+      tokens: ``[B, M]`` sampled tokens; ``tokens[:, :step]`` are written (pad after a row finished).
+      logprobs: ``[B, M]`` log-probabilities of ``tokens`` (0 after a row finished).
+      step: number of tokens sampled so far.
+      positions: ``[B]`` position of the last sampled token (the next input).
+      done: ``[B]`` row has finished (stop token, ``max_tokens``, stop string, or bucket padding).
+      lengths: ``[B]`` tokens kept per row (a trailing stop token included).
+      keys: ``[B]`` per-row PRNG keys.
+    """
+
+    cache: KVCache
+    tokens: jax.Array
+    logprobs: jax.Array
+    step: jax.Array
+    positions: jax.Array
+    done: jax.Array
+    lengths: jax.Array
+    keys: jax.Array
+
+
+def bucket(x: int, minimum: int) -> int:
+    """Smallest power of two ``>= max(x, minimum)``."""
+    v = max(int(x), int(minimum), 1)
+    return 1 << (v - 1).bit_length()
+
+
+def _uniforms(keys: jax.Array, step: jax.Array) -> jax.Array:
+    return jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step)))(keys)
+
+
+def _advance(st: DecodeState, tok, lp, max_tokens, stop_ids) -> DecodeState:
+    """Writes the token sampled at ``st.step`` and updates lengths/done (finished rows write pad/0)."""
+    tok = jnp.where(st.done, 0, tok).astype(jnp.int32)
+    lp = jnp.where(st.done, 0.0, lp)
+    tokens = jax.lax.dynamic_update_slice(st.tokens, tok[:, None], (0, st.step))
+    logprobs = jax.lax.dynamic_update_slice(st.logprobs, lp[:, None], (0, st.step))
+    lengths = jnp.where(st.done, st.lengths, st.step + 1)
+    stopped = jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+    done = st.done | stopped | (st.step + 1 >= max_tokens)
+    return st._replace(tokens=tokens, logprobs=logprobs, lengths=lengths, done=done, step=st.step + 1)
+
+
+class JaxSampler(Engine):
+    """Samples from an NNX `Decoder` with jit-compiled, bucketed prefill/decode (see the module docstring).
+
+    Args:
+      model: an ``nnx.Module`` (live view: always samples its current weights) or ``(graphdef, state)``.
+      tokenizer: HF tokenizer for text prompts, decoding and EOS (None: token-id prompts only, empty text).
+      mesh: when given, rows are sharded over the mesh's ``data``/``fsdp`` axes (params stay as placed).
+      ignore_eos: do not add EOS to the stop ids (benchmarks).
+      stop_check_every: decode steps between host checks of stop strings.
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module | tuple[Any, nnx.State],
+        tokenizer: Any = None,
+        *,
+        mesh: Mesh | None = None,
+        ignore_eos: bool = False,
+        stop_check_every: int = 16,
+    ):
+        if isinstance(model, nnx.Module):
+            self._graphdef, state = nnx.split(model)
+            self._live: nnx.Module | None = model
+        else:
+            self._graphdef, state = model
+            self._live = None
+        self._state = state
+        self.cfg = nnx.merge(self._graphdef, state).cfg  # merge references the arrays, no copy
+        self._tokenizer = tokenizer
+        self.mesh = mesh
+        self.stop_check_every = int(stop_check_every)
+        eos = set(self.cfg.eos_token_ids)
+        if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        self._eos = () if ignore_eos else tuple(sorted(eos))
+        self._batch_axes: tuple[str, ...] = ()
+        if mesh is not None:
+            sizes = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
+            self._batch_axes = tuple(a for a in ("data", "fsdp") if sizes.get(a, 1) > 1)
+            self._batch_multiple = (
+                int(np.prod([sizes[a] for a in self._batch_axes])) if self._batch_axes else 1
+            )
+        else:
+            self._batch_multiple = 1
+        self._seed_rng = np.random.default_rng()
+        self.trace_counts: collections.Counter[str] = collections.Counter()
+        self._prefill = jax.jit(self._prefill_impl, static_argnames=("n", "cache_len", "max_new", "strategy"))
+        self._decode = jax.jit(self._decode_impl, static_argnames=("strategy",), donate_argnames=("st",))
+
+    # ------------------------------------------------------------------------------------------ weights
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def params(self) -> nnx.State:
+        """The parameters the next ``generate`` samples from (a reference, not a copy)."""
+        return nnx.state(self._live) if self._live is not None else self._state
+
+    def update_weights(self, params: nnx.State | nnx.Module | Mapping[str, jax.Array]) -> None:
+        """Points the sampler at new weights without copying them.
+
+        Args:
+          params: a live ``nnx.Module`` (sampled as it changes), an ``nnx.State`` of the same structure,
+            or a flat ``{"layers/0/attn/q_proj/kernel": array, ...}`` dict.
+
+        Raises:
+          ValueError: a path is missing/unexpected or a shape differs (names the path).
+        """
+        if isinstance(params, nnx.Module):
+            params = nnx.state(params)
+        expected = {k: v.shape for k, v in flatten(self.params).items()}
+        flat = flatten(params) if isinstance(params, nnx.State) else dict(params)
+        missing, extra = sorted(set(expected) - set(flat)), sorted(set(flat) - set(expected))
+        if missing or extra:
+            raise ValueError(f"update_weights: missing paths {missing[:5]}, unexpected paths {extra[:5]}")
+        for k, shape in expected.items():
+            if tuple(flat[k].shape) != tuple(shape):
+                raise ValueError(f"update_weights: {k!r} has shape {tuple(flat[k].shape)}, expected {shape}")
+        if not isinstance(params, nnx.State):
+            params = jax.eval_shape(lambda: self.params)
+            nnx.replace_by_pure_dict(params, unflatten(flat))
+        self._state, self._live = params, None
+
+    # ------------------------------------------------------------------------------------------ jitted
+    def _shard(self, x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+        if self.mesh is None:
+            return x
+        sizes = dict(zip(self.mesh.axis_names, self.mesh.devices.shape, strict=True))
+        spec = spec_for(axes, x.shape, sizes)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+    def _prefill_impl(
+        self, params, ids, mask, live, seed, max_tokens, stop_ids, *, n, cache_len, max_new, strategy
+    ):
+        self.trace_counts["prefill"] += 1
+        model = nnx.merge(self._graphdef, params)
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+        cache = KVCache.init(self.cfg, ids.shape[0], cache_len)
+        hidden, cache = model.hidden_states(ids, positions, mask, cache)
+        rep = functools.partial(jnp.repeat, repeats=n, total_repeat_length=ids.shape[0] * n)
+        cache = KVCache(
+            k=rep(cache.k, axis=1), v=rep(cache.v, axis=1), mask=rep(cache.mask, axis=0), index=cache.index
+        )
+        cache = jax.tree.map(self._shard, cache, cache.sharding_axes())
+        b = ids.shape[0] * n
+        row = functools.partial(self._shard, axes=("batch",))
+        keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(
+            jnp.arange(b, dtype=jnp.uint32)
+        )
+        logits = model.unembed(self._shard(rep(hidden[:, -1:], axis=0), ("batch", None, None)))[:, 0]
+        tok, lp = strategy.sample(logits, _uniforms(keys, jnp.int32(0)))
+        st = DecodeState(
+            cache=cache,
+            tokens=self._shard(jnp.zeros((b, max_new), jnp.int32), ("batch", None)),
+            logprobs=self._shard(jnp.zeros((b, max_new), jnp.float32), ("batch", None)),
+            step=jnp.zeros((), jnp.int32),
+            positions=row(rep(positions[:, -1] + 1, axis=0)),
+            done=row(~rep(live, axis=0)),
+            lengths=row(jnp.zeros((b,), jnp.int32)),
+            keys=keys,
+        )
+        return _advance(st, tok, lp, max_tokens, stop_ids)
+
+    def _decode_impl(self, params, st: DecodeState, limit, max_tokens, stop_ids, *, strategy):
+        self.trace_counts["decode"] += 1
+        model = nnx.merge(self._graphdef, params)
+        b = st.tokens.shape[0]
+        ones = jnp.ones((b, 1), jnp.int32)
+
+        def body(st: DecodeState) -> DecodeState:
+            last = jax.lax.dynamic_slice_in_dim(st.tokens, st.step - 1, 1, axis=1)
+            hidden, cache = model.hidden_states(last, st.positions[:, None], ones, st.cache)
+            tok, lp = strategy.sample(model.unembed(hidden)[:, 0], _uniforms(st.keys, st.step))
+            st = st._replace(cache=cache, positions=st.positions + 1)
+            return _advance(st, tok, lp, max_tokens, stop_ids)
+
+        return jax.lax.while_loop(lambda s: (s.step < limit) & ~jnp.all(s.done), body, st)
+
+    # ------------------------------------------------------------------------------------------ generate
+    def _encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                if self._tokenizer is None:
+                    raise ValueError(f"prompt {i} is text but the sampler has no tokenizer")
+                ids = list(self._tokenizer(p, add_special_tokens=False)["input_ids"])
+            else:
+                ids = [int(t) for t in p]
+            if not ids:
+                raise ValueError(f"prompt {i} is empty (needs at least one token)")
+            bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"prompt {i}: token id {bad[0]} outside the vocabulary [0, {self.cfg.vocab_size})"
+                )
+            out.append(ids)
+        return out
+
+    def _put(self, x: np.ndarray) -> jax.Array:
+        if self.mesh is None:
+            return jnp.asarray(x)
+        spec = PartitionSpec(self._batch_axes or None, *([None] * (x.ndim - 1)))
+        return jax.device_put(x, NamedSharding(self.mesh, spec))
+
+    def generate(
+        self, prompts: Sequence[Prompt], params: SamplingParams, n: int = 1
+    ) -> list[list[Completion]]:
+        """Samples ``n`` completions per prompt (see `Engine.generate` and the module docstring)."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if not prompts:
+            return []
+        if params.stop_strings and self._tokenizer is None:
+            raise ValueError("SamplingParams.stop_strings needs a tokenizer")
+        prompt_ids = self._encode(prompts)
+        longest = max(len(p) for p in prompt_ids)
+        if longest + params.max_tokens > self.cfg.max_position_embeddings:
+            raise ValueError(
+                f"longest prompt ({longest} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
+                f"max_position_embeddings ({self.cfg.max_position_embeddings})"
+            )
+        bp = bucket(len(prompt_ids), 1)
+        bp = -(-bp // self._batch_multiple) * self._batch_multiple
+        tp, m = bucket(longest, 16), bucket(params.max_tokens, 16)
+        ids, mask, live = np.zeros((bp, tp), np.int32), np.zeros((bp, tp), np.int32), np.zeros(bp, bool)
+        mask[:, -1] = 1  # bucket-padding rows: one dummy token, finished from the start
+        for i, p in enumerate(prompt_ids):
+            ids[i, tp - len(p) :], mask[i, tp - len(p) :], live[i] = p, 1, True
+        stop = sorted(set(params.stop_token_ids) | set(self._eos))
+        stop_ids = np.full(max(1, -(-len(stop) // _MAX_STOP_IDS)) * _MAX_STOP_IDS, -1, np.int32)
+        stop_ids[: len(stop)] = stop
+        seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**31))
+        strategy = Strategy.from_params(params.temperature, params.top_p, params.top_k)
+        weights = self.params
+        max_tokens = jnp.int32(params.max_tokens)
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            st = self._prefill(
+                weights, self._put(ids), self._put(mask), self._put(live), jnp.uint32(seed % 2**32), max_tokens,
+                jnp.asarray(stop_ids), n=n, cache_len=tp + m, max_new=m, strategy=strategy,
+            )  # fmt: skip
+            step = 1
+            while True:
+                chunk = self.stop_check_every if params.stop_strings else params.max_tokens
+                limit = min(step + chunk, params.max_tokens)
+                st = self._decode(
+                    weights, st, jnp.int32(limit), max_tokens, jnp.asarray(stop_ids), strategy=strategy
+                )
+                step, done = int(st.step), np.asarray(st.done)
+                if done.all() or step >= params.max_tokens:
+                    break
+                if params.stop_strings:
+                    hit = self._stop_string_rows(np.asarray(st.tokens), np.asarray(st.lengths), done, params)
+                    if hit.any():
+                        st = st._replace(done=self._put(done | hit))
+                        if (done | hit).all():
+                            break
+        tokens, logprobs, lengths = jax.device_get((st.tokens, st.logprobs, st.lengths))
+        out = []
+        for i, p in enumerate(prompt_ids):
+            row = []
+            for j in range(n):
+                r = i * n + j
+                toks, lps = tokens[r, : lengths[r]].tolist(), logprobs[r, : lengths[r]].tolist()
+                row.append(self._finish(p, toks, lps, set(stop), params.stop_strings))
+            out.append(row)
+        return out
+
+    def _decode_text(self, toks: Sequence[int]) -> str:
+        return "" if self._tokenizer is None else self._tokenizer.decode(toks, skip_special_tokens=True)
+
+    def _stop_string_rows(self, tokens, lengths, done, params: SamplingParams) -> np.ndarray:
+        hit = np.zeros_like(done)
+        for r in np.nonzero(~done)[0]:
+            text = self._decode_text(tokens[r, : lengths[r]].tolist())
+            hit[r] = any(s in text for s in params.stop_strings)
+        return hit
+
+    def _finish(self, prompt, toks, lps, stop: set[int], stop_strings: Sequence[str]) -> Completion:
+        text = self._decode_text(toks)
+        cut = cut_at_stop_string(text, stop_strings)
+        if cut is not None:
+            keep = tokens_before(toks, cut, self._decode_text)
+            return Completion(list(prompt), toks[:keep], text[:cut], lps[:keep], "stop")
+        reason = "stop" if toks and toks[-1] in stop else "length"
+        return Completion(list(prompt), toks, text, lps, reason)
+
+
+def cut_at_stop_string(text: str, stop_strings: Sequence[str]) -> int | None:
+    """Index where the earliest stop string starts in ``text`` (None if none occurs)."""
+    hits = [i for i in (text.find(s) for s in stop_strings if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def tokens_before(toks: Sequence[int], cut: int, decode) -> int:
+    """Largest ``j`` with ``len(decode(toks[:j])) <= cut``: the tokens lying wholly before character ``cut``.
+
+    Binary search (decoded length grows with the prefix). A token straddling ``cut`` is dropped, so the
+    stop string never appears in the kept ``token_ids``; the returned text keeps its leading characters.
+    """
+    lo, hi = 0, len(toks)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(decode(toks[:mid])) <= cut:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
