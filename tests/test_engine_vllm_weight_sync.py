@@ -88,3 +88,12 @@ def test_serialize_round_trip_and_shape_check(model):
         weight_sync.check_hf_shapes({k: v.shape for k, v in back.items()}, cfg)
     with pytest.raises(ValueError, match="not valid safetensors"):
         weight_sync.deserialize(b"garbage")
+
+
+def test_bfloat16_jax_arrays_hand_over_bit_exact(model):
+    cfg, flat = model
+    jflat = {k: jnp.asarray(v, dtype=jnp.bfloat16) for k, v in flat.items()}
+    want = dict(mapping.flat_to_hf({k: np.asarray(v) for k, v in jflat.items()}, cfg))
+    for name, t in weight_sync.hf_tensors(jflat, cfg):
+        assert t.dtype == torch.bfloat16
+        np.testing.assert_array_equal(t.view(torch.int16).numpy(), want[name].view(np.int16), err_msg=name)

@@ -1,8 +1,9 @@
 """In-process vLLM engine: sampling from an HF folder, weight updates straight from our params.
 
-vLLM runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the "uni" executor), so
-``update_weights`` hands our parameter buffers to the worker without pickling or touching disk
-(see ``weight_sync``).
+vLLM runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the "uni" executor: one device),
+so ``update_weights`` hands our parameter buffers to the worker without pickling or touching disk
+(see ``weight_sync``). A tensor-parallel vLLM (several worker processes) needs a transport instead:
+vLLM's NCCL weight transfer, see ``server_app.NcclWeightTransfer``.
 
 Log-probabilities. vLLM 0.32 computes the returned log-probs according to the engine-wide
 ``logprobs_mode``: ``raw_logprobs`` (its default) is ``log softmax(logits)`` *without* temperature;
