@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from atlas_jax.engines import weight_sync
@@ -203,6 +204,11 @@ def create_app(
     state = {"weight_version": 0}
     nccl = NcclWeightTransfer(engine)
 
+    def locked(fn: Any, *args: Any) -> Any:
+        """Runs ``fn`` holding the engine lock (called in a worker thread, never on the event loop)."""
+        with lock:
+            return fn(*args)
+
     def authorize(request: Request) -> None:
         if token is None:
             raise HTTPException(
@@ -254,12 +260,10 @@ def create_app(
         try:
             if kind == "application/json":
                 path = _json_field(body, "path")
-                with lock:
-                    loaded = engine.load_hf_dir(path)
+                loaded = await run_in_threadpool(locked, engine.load_hf_dir, path)
             elif kind == "application/octet-stream":
-                tensors = weight_sync.deserialize(body)
-                with lock:
-                    loaded = engine.load_hf_tensors(tensors)
+                tensors = await run_in_threadpool(weight_sync.deserialize, body)
+                loaded = await run_in_threadpool(locked, engine.load_hf_tensors, tensors)
             else:
                 raise HTTPException(
                     415, "send application/octet-stream (safetensors) or application/json {path}"
@@ -280,16 +284,14 @@ def create_app(
     async def weight_transfer_init(request: Request) -> dict[str, Any]:
         authorize(request)
         info = await request.json()
-        with lock:
-            nccl.init(info)
+        await run_in_threadpool(locked, nccl.init, info)
         return {"ok": True}
 
     @app.post("/weight_transfer/update")
     async def weight_transfer_update(request: Request) -> dict[str, Any]:
         authorize(request)
         info = await request.json()
-        with lock:
-            nccl.update(info)
+        await run_in_threadpool(locked, nccl.update, info)
         state["weight_version"] += 1
         return {"ok": True, "weight_version": state["weight_version"]}
 
