@@ -68,19 +68,31 @@ class Decoder(nnx.Module):
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         b, t = input_ids.shape
-        work = cache if cache is not None else KVCache.init(cfg, b, t, dtype)
-        index = work.index
-        slot_mask = jax.lax.dynamic_update_slice(
-            work.mask, attention_mask.astype(jnp.bool_), (jnp.zeros((), jnp.int32), index)
-        )
+        zero = jnp.zeros((), jnp.int32)
+        if (
+            cache is None
+        ):  # no stacked [L,...] buffers: each layer attends over its own T keys (training path)
+            index = zero
+            slot_mask = attention_mask.astype(jnp.bool_)
+            kv_shape = (b, t, cfg.num_kv_heads, cfg.head_dim)
+        else:
+            index = cache.index
+            slot_mask = jax.lax.dynamic_update_slice(
+                cache.mask, attention_mask.astype(jnp.bool_), (zero, index)
+            )
+            k_all, v_all = cache.k, cache.v
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
         x_btd = constrain(self.embed.embedding.get_value()[input_ids].astype(dtype), _ACT_BTD)
         call = _remat_layer_call if cfg.remat else _layer_call
-        k_all, v_all = work.k, work.v
         for i, layer in enumerate(self.layers):
-            x_btd, k_i, v_i = call(layer, x_btd, cos, sin, k_all[i], v_all[i], slot_mask, index)
-            k_all = k_all.at[i].set(k_i)
-            v_all = v_all.at[i].set(v_i)
+            if cache is None:
+                k_i = v_i = jnp.zeros(kv_shape, dtype)
+            else:
+                k_i, v_i = k_all[i], v_all[i]
+            x_btd, k_i, v_i = call(layer, x_btd, cos, sin, k_i, v_i, slot_mask, index)
+            if cache is not None:  # written back in place under jit (donate the cache)
+                k_all = k_all.at[i].set(k_i)
+                v_all = v_all.at[i].set(v_i)
         hidden = self.final_norm(x_btd)
         if cache is None:
             return hidden, None
