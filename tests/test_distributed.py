@@ -1,0 +1,282 @@
+"""Multi-host runs for real: 2 local processes joined by jax.distributed (gloo) form one 4-device mesh.
+
+The processes run tests/multihost_worker.py; their forward pass and SFT train step over the global mesh are
+compared with a single-process run of the same parameters in this process. Settings resolution and its
+error messages are checked in-process (no distributed initialisation happens here).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from atlas_jax import distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "multihost_worker.py"
+SCRIPT = ROOT / "launch" / "multihost.sh"
+ATLAS_VARS = (
+    distributed.ENV_COORDINATOR,
+    distributed.ENV_NUM_PROCESSES,
+    distributed.ENV_PROCESS_ID,
+    distributed.ENV_LOCAL_DEVICE_IDS,
+    distributed.ENV_MODE,
+)
+TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child_env(devices: int = 2) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ATLAS_VARS}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHON"] = sys.executable
+    return env
+
+
+def _spawn_workers(out_dir: Path, n: int = 2, quick: bool = False) -> list[subprocess.Popen]:
+    port = _free_port()
+    procs = []
+    for i in range(n):
+        env = _child_env()
+        env.update(
+            {
+                distributed.ENV_COORDINATOR: f"127.0.0.1:{port}",
+                distributed.ENV_NUM_PROCESSES: str(n),
+                distributed.ENV_PROCESS_ID: str(i),
+            }
+        )
+        args = [sys.executable, str(WORKER), str(out_dir)] + (["--quick"] if quick else [])
+        procs.append(
+            subprocess.Popen(
+                args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    return procs
+
+
+def _wait_all(procs: list[subprocess.Popen]) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        for i, p in enumerate(procs):
+            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            assert p.returncode == 0, f"process {i} failed (exit {p.returncode}):\n{out[-4000:]}"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _check_data(results: list[dict]) -> None:
+    x = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+    for i, r in enumerate(results):
+        assert r["mode"] == "explicit"
+        assert (int(r["process_index"]), int(r["process_count"])) == (i, 2)
+        assert (int(r["device_count"]), int(r["local_device_count"])) == (4, 2)
+        assert bool(r["is_main"]) == (i == 0)
+        # Σ_r (9r + 3)(r + 1) over r = 0..7, by hand: 9·140 + 12·28 + 3·8 = 1620.
+        assert float(r["weighted_sum"]) == 1620.0
+        np.testing.assert_array_equal(r["roundtrip"], x)
+        np.testing.assert_array_equal(r["interleaved_roundtrip"], x)
+    # make_mesh puts each process's 2 devices in one `data` row: process i feeds rows 4i … 4i+3.
+    np.testing.assert_array_equal(results[0]["rows"], [0, 1, 2, 3])
+    np.testing.assert_array_equal(results[1]["rows"], [4, 5, 6, 7])
+    # Device order p0, p1, p0, p1 along the flattened batch axes: 2-row blocks alternate between processes.
+    np.testing.assert_array_equal(results[0]["interleaved_rows"], [0, 1, 4, 5])
+    np.testing.assert_array_equal(results[1]["interleaved_rows"], [2, 3, 6, 7])
+
+
+def _single_process_reference() -> dict:
+    """The worker's forward pass and train step on one device of this process."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import multihost_worker as w
+
+    from atlas_jax.models.sharding import make_mesh
+
+    c = w.case()
+    mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    state, step, fwd = w.make_step(c["cfg"], c["params"], mesh)
+    logits = np.asarray(fwd(state.params, c["batch"]))
+    state, metrics = step(state, c["batch"])
+    return {
+        "logits": logits,
+        "loss": float(metrics["loss"]),
+        "grad_norm": float(metrics["grad_norm"]),
+        "params": {k: np.asarray(v) for k, v in state.params.items()},
+        "init": c["params"],
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_match_single_process(tmp_path):
+    procs = _spawn_workers(tmp_path)
+    try:
+        ref = _single_process_reference()  # computed while the workers start up
+    finally:
+        _wait_all(procs)
+    results = [dict(np.load(tmp_path / f"rank{i}.npz")) for i in range(2)]
+    _check_data(results)
+    # fp32 throughout; sharded matmuls sum in a different order, so allow a few ulps of the values' scale.
+    tol = {"rtol": 1e-5, "atol": 1e-5}
+    for r in results:
+        np.testing.assert_allclose(r["logits"], ref["logits"], **tol)
+        np.testing.assert_allclose(float(r["loss"]), ref["loss"], **tol)
+        np.testing.assert_allclose(float(r["grad_norm"]), ref["grad_norm"], **tol)
+        names = sorted(k.removeprefix("param/") for k in r if k.startswith("param/"))
+        assert names == sorted(ref["params"])
+        for k in names:
+            np.testing.assert_allclose(r["param/" + k], ref["params"][k], err_msg=k, **tol)
+    # The step did move every parameter (so equal params are not just equal initial values).
+    for k, v in ref["params"].items():
+        assert np.abs(v - ref["init"][k]).max() > 1e-6, k
+
+
+@pytest.mark.multiprocess
+def test_multihost_script_runs_local_processes(tmp_path):
+    env = _child_env()
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "-n", "2", "--", sys.executable, str(WORKER), str(tmp_path), "--quick"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _check_data([dict(np.load(tmp_path / f"rank{i}.npz")) for i in range(2)])
+
+
+def test_multihost_script_stops_all_when_one_fails():
+    code = "import os, sys, time\nif os.environ['ATLAS_PROCESS_ID'] == '1': sys.exit(3)\ntime.sleep(120)\n"
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "-n", "3", "--", sys.executable, "-c", code],
+        env=_child_env(), capture_output=True, text=True, timeout=100,
+    )  # fmt: skip
+    assert proc.returncode == 3, proc.stderr
+    assert time.monotonic() - t0 < 60, "the sleeping processes were not stopped"
+    assert "exited with status 3" in proc.stderr
+
+
+def test_multihost_script_rejects_bad_options():
+    proc = subprocess.run(["bash", str(SCRIPT), "-n", "zero", "--", "true"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "-n must be a positive integer" in proc.stderr
+    proc = subprocess.run(["bash", str(SCRIPT), "-n", "2"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "no command given" in proc.stderr
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    # Also hide cluster launchers, which would switch initialize() to JAX's auto-detection.
+    for var in (*ATLAS_VARS, "SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "TPU_WORKER_HOSTNAMES",
+                "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS"):  # fmt: skip
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def test_single_process_is_a_noop(clean_env):
+    settings = distributed.initialize()
+    assert settings.mode == "single"
+    assert not jax.distributed.is_initialized()
+    assert (distributed.process_index(), distributed.process_count(), distributed.is_main_process()) == (
+        0,
+        1,
+        True,
+    )
+    distributed.sync("no-op")  # must not block with one process
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "env", "missing", "present"),
+    [
+        ({"num_processes": 2}, {}, ["ATLAS_COORDINATOR", "ATLAS_PROCESS_ID"], "num_processes=2"),
+        (
+            {},
+            {"ATLAS_COORDINATOR": "10.0.0.1:1234"},
+            ["ATLAS_NUM_PROCESSES", "ATLAS_PROCESS_ID"],
+            "environment",
+        ),
+        ({"process_id": 1}, {"ATLAS_NUM_PROCESSES": "4"}, ["ATLAS_COORDINATOR"], "process_id=1"),
+    ],
+)
+def test_partial_settings_name_what_is_missing(clean_env, kwargs, env, missing, present):
+    for k, v in env.items():
+        clean_env.setenv(k, v)
+    with pytest.raises(ValueError, match="incomplete multi-host settings") as e:
+        distributed.initialize(**kwargs)
+    msg = str(e.value)
+    for var in missing:
+        assert var in msg
+    assert present in msg
+    assert not jax.distributed.is_initialized()
+
+
+@pytest.mark.parametrize(
+    ("env", "match"),
+    [
+        ({"ATLAS_NUM_PROCESSES": "two"}, "ATLAS_NUM_PROCESSES.*integer.*'two'"),
+        (
+            {"ATLAS_COORDINATOR": "nohostport", "ATLAS_NUM_PROCESSES": "2", "ATLAS_PROCESS_ID": "0"},
+            "host:port",
+        ),
+        (
+            {"ATLAS_COORDINATOR": "h:1", "ATLAS_NUM_PROCESSES": "2", "ATLAS_PROCESS_ID": "2"},
+            "process_id.*= 2",
+        ),
+        ({"ATLAS_DISTRIBUTED": "yes"}, "ATLAS_DISTRIBUTED='yes'"),
+        ({"ATLAS_LOCAL_DEVICE_IDS": "0,x"}, "ATLAS_LOCAL_DEVICE_IDS"),
+    ],
+)
+def test_malformed_settings_are_named(env, match):
+    with pytest.raises(ValueError, match=match):
+        distributed.resolve_settings(env=env)
+
+
+def test_settings_resolution():
+    full = {"ATLAS_COORDINATOR": "h:9", "ATLAS_NUM_PROCESSES": "2", "ATLAS_PROCESS_ID": "1"}
+    s = distributed.resolve_settings(env=full)
+    assert (s.mode, s.coordinator_address, s.num_processes, s.process_id) == ("explicit", "h:9", 2, 1)
+    # Arguments win over the environment, field by field.
+    s = distributed.resolve_settings(process_id=0, env=full)
+    assert (s.process_id, s.num_processes) == (0, 2)
+    assert distributed.resolve_settings(env={}).mode == "single"
+    assert distributed.resolve_settings(env={**full, "ATLAS_DISTRIBUTED": "off"}).mode == "single"
+    assert distributed.resolve_settings(num_processes=1, env={}).mode == "single"
+    assert distributed.resolve_settings(env={"ATLAS_DISTRIBUTED": "auto"}).mode == "auto"
+    ids = distributed.resolve_settings(env={**full, "ATLAS_LOCAL_DEVICE_IDS": "0, 2"}).local_device_ids
+    assert ids == (0, 2)
+    # Cluster launchers: JAX's detection takes over, and may complete partial settings.
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "0"}
+    assert distributed.resolve_settings(env=slurm).mode == "auto"
+    assert distributed.resolve_settings(num_processes=4, env=slurm).mode == "auto"
+    assert distributed.resolve_settings(env={**slurm, "SLURM_NTASKS": "1"}).mode == "single"
+    assert distributed.resolve_settings(env={"TPU_WORKER_HOSTNAMES": "a,b"}).mode == "auto"
+    assert distributed.resolve_settings(env={"TPU_WORKER_HOSTNAMES": "a"}).mode == "single"
+
+
+def test_host_local_batch_single_process():
+    from atlas_jax.models.sharding import make_mesh
+
+    mesh = make_mesh((2, 2, 2))  # 8 fake devices, all local
+    np.testing.assert_array_equal(distributed.host_local_batch(8, mesh), np.arange(8))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        distributed.host_local_batch(6, mesh)
+    batch = {"a": np.arange(16).reshape(8, 2), "b": np.arange(8.0)}
+    out = distributed.shard_global_batch(batch, mesh)
+    assert out["a"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+    back = distributed.gather_to_host(out)
+    np.testing.assert_array_equal(back["a"], batch["a"])
+    np.testing.assert_array_equal(back["b"], batch["b"])
+    with pytest.raises(ValueError, match="different row counts"):
+        distributed.shard_global_batch({"a": np.zeros((8, 1)), "b": np.zeros((4,))}, mesh)
