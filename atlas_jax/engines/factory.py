@@ -1,7 +1,7 @@
 """Engine construction by name, for configs: ``make_engine("vllm", model_dir=...)``.
 
 Kinds: "jax" (``JaxSampler``, the embedded default), "vllm" (``VLLMEngine``, in-process),
-"server" (``ServerEngine``, remote ``launch.serve``), "openai" (``OpenAIEngine``). Imports are lazy so
+"vllm_server" (``ServerEngine``, remote ``launch.serve``), "openai" (``OpenAIEngine``). Imports are lazy so
 that a run without vLLM never imports it.
 """
 
@@ -15,9 +15,10 @@ from atlas_jax.engines.base import Engine
 ENGINES: dict[str, str] = {
     "jax": "atlas_jax.engines.jax_sampler:JaxSampler",
     "vllm": "atlas_jax.engines.vllm_engine:VLLMEngine",
-    "server": "atlas_jax.engines.server_client:ServerEngine",
+    "vllm_server": "atlas_jax.engines.server_client:ServerEngine",
     "openai": "atlas_jax.engines.openai_client:OpenAIEngine",
 }
+ENGINE_KINDS: tuple[str, ...] = tuple(ENGINES)
 
 
 def engine_class(kind: str) -> type[Engine]:
