@@ -144,7 +144,7 @@ def test_client_side_errors(servers):
 
 
 def test_factory():
-    assert engine_class("server") is ServerEngine
-    assert isinstance(make_engine("server", ["http://127.0.0.1:1"]), ServerEngine)
+    assert engine_class("vllm_server") is ServerEngine
+    assert isinstance(make_engine("vllm_server", ["http://127.0.0.1:1"]), ServerEngine)
     with pytest.raises(ValueError, match=r"unknown engine kind 'foo'.*openai"):
         engine_class("foo")
