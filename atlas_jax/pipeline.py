@@ -142,10 +142,11 @@ def build_data(config: Any, folder: Path) -> None:
     texts += [student_prompt(config, r) + " " + r.completion for r in splits.student[:5000]]
     texts += [fill(t.teacher_template, question=r.problem.text, approach=r.approach)
               + task.teaching_completion(r.teaching) for r in splits.sft]  # fmt: skip
+    texts += list(task.GENERIC_ADVICE + task.LONG_ADVICE) * 50  # whole words become tokens
     train_tokenizer(texts, str(folder / "tokenizer"), vocab_size=int(config.task.vocab_size))
     probs = lambda ps: [
         {"id": p.problem_id, "prompt": p.text, "ground_truth": p.answer, "steps": p.steps} for p in ps
-    ]  # noqa: E731
+    ]
     _write_jsonl(folder / "rl.jsonl", probs(splits.rl))
     _write_jsonl(folder / "eval.jsonl", probs(splits.eval))
     _write_jsonl(folder / "sft.jsonl", [
@@ -315,7 +316,11 @@ def evaluate_run(config: Any, out: Path, wall_clock_start: float | None = None) 
 
 def run_pipeline(config: Any) -> dict[str, Any]:
     """Runs (or restores) every phase and the evaluation; returns the evaluation summary."""
+    from absl import logging as absl_logging
+
     start = time.perf_counter()
+    # Orbax logs every checkpoint step at INFO; the quickstart's console is for the progress bars.
+    absl_logging.set_verbosity(absl_logging.WARNING)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

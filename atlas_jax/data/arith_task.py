@@ -36,8 +36,8 @@ GENERIC_ADVICE = (
     "be careful",
 )
 LONG_ADVICE = (
-    "this is easy, add the two numbers and check the result again before you answer",
-    "go slowly, add the numbers from left to right, then check each step once more",
+    "this one is easy, just add the two numbers and then check again",
+    "go slowly, add from left to right and check each step once more",
 )
 # Fixed seeds of the three disjoint splits (offset by the run seed only when asked to).
 SPLIT_SEEDS = {"student": 1_000, "sft": 2_000, "rl": 3_000, "eval": 4_000}

@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.task.trust_fraction = 0.5  # share of chained rows with a wrong partial sum the target builds on
     # annotator: P(useful chain, generic advice, wrong chain) on multi-step; P(empty, generic, long) on 1-step
     c.task.annotator_mix = (0.4, 0.35, 0.25, 0.2, 0.4, 0.4)
-    c.task.vocab_size = 320  # BPE target size (256 bytes + specials + merges); digits stay single tokens
+    c.task.vocab_size = 448  # BPE target size (256 bytes + specials + merges); digits stay single tokens
     c.task.hidden_size = 64  # the student's (and teacher's) decoder: tiny, head_dim 32 so vLLM serves it
     c.task.intermediate_size = 256
     c.task.num_layers = 2
@@ -47,16 +47,16 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.student = ml_collections.ConfigDict()  # the student's own SFT run (same fields as c.sft)
     c.student.learning_rate = 3e-3
-    c.student.num_steps = 800
+    c.student.num_steps = 600
     c.student.batch_size = 64
     c.student.micro_batch_size = 64
-    c.student.max_length = 64
+    c.student.max_length = 48
 
     c.sft.learning_rate = 1e-3
-    c.sft.num_steps = 200
+    c.sft.num_steps = 150
     c.sft.batch_size = 64
     c.sft.micro_batch_size = 64
-    c.sft.max_length = 64
+    c.sft.max_length = 48
 
     c.optim.schedule = "cosine"
     c.optim.warmup_ratio = 0.05
@@ -93,8 +93,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint.async_save = False
     c.logging.tensorboard = False
     c.eval.every_steps = 0
-    c.eval.num_seeds = 3  # evaluation seeds (sampling); each seed re-runs every arm on every problem
     c.eval.chunk = 48  # problems per rollout batch in the evaluation
-    c.eval.bootstrap_resamples = 1000  # percentile bootstrap over problems
-    c.eval.confidence = 0.95
     return c
