@@ -144,9 +144,12 @@ def build_data(config: Any, folder: Path) -> None:
               + task.teaching_completion(r.teaching) for r in splits.sft]  # fmt: skip
     texts += list(task.GENERIC_ADVICE + task.LONG_ADVICE) * 50  # whole words become tokens
     train_tokenizer(texts, str(folder / "tokenizer"), vocab_size=int(config.task.vocab_size))
-    probs = lambda ps: [
-        {"id": p.problem_id, "prompt": p.text, "ground_truth": p.answer, "steps": p.steps} for p in ps
-    ]
+
+    def probs(ps):
+        return [
+            {"id": p.problem_id, "prompt": p.text, "ground_truth": p.answer, "steps": p.steps} for p in ps
+        ]
+
     _write_jsonl(folder / "rl.jsonl", probs(splits.rl))
     _write_jsonl(folder / "eval.jsonl", probs(splits.eval))
     _write_jsonl(folder / "sft.jsonl", [
@@ -170,7 +173,7 @@ def student_prompt(config: Any, row: task.StudentRow) -> str:
 def encode(tokenizer: Any, prompt: str, completion: str, source: str) -> SFTExample:
     """prompt ids + completion ids + EOS, loss on the completion and EOS."""
     p = list(tokenizer.encode(prompt, add_special_tokens=False))
-    c = list(tokenizer.encode(completion, add_special_tokens=False)) + [int(tokenizer.eos_token_id)]
+    c = [*list(tokenizer.encode(completion, add_special_tokens=False)), int(tokenizer.eos_token_id)]
     return SFTExample(input_ids=p + c, completion_mask=[0] * len(p) + [1] * len(c), num_prompt_tokens=len(p),
                       source=source)  # fmt: skip
 
