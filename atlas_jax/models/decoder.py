@@ -82,7 +82,10 @@ class Decoder(nnx.Module):
             )
             k_all, v_all = cache.k, cache.v
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
-        x_btd = constrain(self.embed.embedding.get_value()[input_ids].astype(dtype), _ACT_BTD)
+        # Gather from a replicated table (an explicit FSDP all-gather) rather than let the partitioner
+        # replicate the vocab/embed-sharded table implicitly for the batch-sharded lookup.
+        table_vd = constrain(self.embed.embedding.get_value(), ("act_vocab", "act_embed"))
+        x_btd = constrain(table_vd[input_ids].astype(dtype), _ACT_BTD)
         call = _remat_layer_call if cfg.remat else _layer_call
         for i, layer in enumerate(self.layers):
             if cache is None:
