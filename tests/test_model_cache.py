@@ -75,3 +75,12 @@ def test_cache_init_dtype_and_pytree():
     cache32 = KVCache.init(TINY_QWEN3, batch=3, max_len=16, dtype="float32")
     assert cache32.v.dtype == jnp.float32
     assert len(jax.tree.leaves(cache)) == 4
+
+
+def test_cache_overflow_is_an_error_outside_jit():
+    model = build_model(TINY_QWEN3)
+    cache = KVCache.init(TINY_QWEN3, batch=1, max_len=4)
+    ids = jnp.ones((1, 3), jnp.int32)
+    _, cache = model(ids, jnp.arange(3)[None], jnp.ones((1, 3), jnp.int32), cache)
+    with pytest.raises(ValueError, match=r"overflow: index 3 \+ 2 tokens > max_len 4"):
+        model(ids[:, :2], jnp.arange(3, 5)[None], jnp.ones((1, 2), jnp.int32), cache)

@@ -77,6 +77,11 @@ class Decoder(nnx.Module):
             kv_shape = (b, t, cfg.num_kv_heads, cfg.head_dim)
         else:
             index = cache.index
+            if not isinstance(index, jax.core.Tracer) and int(index) + t > cache.max_len:
+                # Only checkable outside jit; inside, dynamic_update_slice would clamp and corrupt the cache.
+                raise ValueError(
+                    f"KVCache overflow: index {int(index)} + {t} tokens > max_len {cache.max_len}"
+                )
             slot_mask = jax.lax.dynamic_update_slice(
                 cache.mask, attention_mask.astype(jnp.bool_), (zero, index)
             )
