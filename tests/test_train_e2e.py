@@ -12,7 +12,7 @@ REQUIRED_GRPO_METRICS = (
     "reward_mean", "reward_std", "lr", "ndr", "les", "acc_with_teaching", "acc_without_teaching",
     "completion_with_teaching", "teaching_tokens_mean", "probe_tokens_mean", "kl", "clip_frac", "grad_norm",
     "loss", "entropy", "logprob_mismatch_abs", "logprob_mismatch_kl", "time/weight_push", "time/rollout",
-    "time/teacher_generate", "time/student_generate", "time/update", "time/step", "teacher_tokens_per_s",
+    "time/gen_teacher", "time/gen_probe", "time/gen_taught", "time/gen_baseline", "time/scoring", "time/update", "time/step", "teacher_tokens_per_s",
 )  # fmt: skip
 
 

@@ -2,8 +2,9 @@
 
 ``train_grpo(config, train, eval, teacher, student, policy)`` is the library call (the pipeline uses it
 with its own engines); ``run_grpo(config)`` builds data, policy and engines from the config first.
-Per step the timings of each phase are logged (``time/weight_push``, ``time/rollout`` with the teacher /
-student generation time inside it, ``time/update``, ``time/checkpoint``), plus every rollout metric
+Per step the timings of each phase are logged (``time/weight_push``; ``time/rollout`` and inside it
+``time/gen_baseline``, ``time/gen_probe``, ``time/gen_teacher``, ``time/gen_taught``, ``time/scoring``;
+``time/update``, ``time/checkpoint``), plus every rollout metric
 (``atlas_jax.metrics.rollout_metrics``: reward mean/std and terms, LR, NDR, LES, accuracies, completion
 rate, lengths), the learner's metrics (loss, KL, clip fraction, entropy, grad norm, sampler-vs-trainer
 log-prob mismatch) and throughput.
@@ -29,14 +30,18 @@ from atlas_jax.training.writers import MetricsWriter, PhaseTimer, progress_bar
 
 
 class _Timed(Engine):
-    """Wraps an engine to add the seconds spent in ``generate`` to a phase of a ``PhaseTimer``."""
+    """Wraps an engine and records the wall-clock seconds of each ``generate`` call, in order."""
 
-    def __init__(self, inner: Engine, timer: PhaseTimer, phase: str) -> None:
-        self.inner, self.timer, self.phase = inner, timer, phase
+    def __init__(self, inner: Engine) -> None:
+        self.inner = inner
+        self.calls: list[float] = []
 
     def generate(self, prompts, params, n=1):
-        with self.timer(self.phase):
+        t0 = time.perf_counter()
+        try:
             return self.inner.generate(prompts, params, n)
+        finally:
+            self.calls.append(time.perf_counter() - t0)
 
     def update_weights(self, params) -> None:
         self.inner.update_weights(params)
@@ -44,6 +49,31 @@ class _Timed(Engine):
     @property
     def tokenizer(self):
         return self.inner.tokenizer
+
+    def pop(self) -> list[float]:
+        calls, self.calls = self.calls, []
+        return calls
+
+
+def phase_times(student_calls: list[float], teacher_calls: list[float], rollout_s: float) -> dict[str, float]:
+    """Splits a rollout's time by phase.
+
+    ``TwoPassRollout.run`` makes one student call per phase in a fixed order — baseline (only when a
+    problem is not cached yet), probe, taught — and one teacher call, so the last student call is the
+    taught phase and the one before it the probe. Scoring (answer checks, rewards, tokenisation) is
+    what remains of the rollout time.
+    """
+    out = {"time/gen_teacher": sum(teacher_calls)}
+    names = (
+        ["gen_baseline", "gen_probe", "gen_taught"][-len(student_calls) :] if len(student_calls) <= 3 else []
+    )
+    for name, t in zip(names, student_calls, strict=False):
+        out[f"time/{name}"] = t
+    if not names:
+        out["time/gen_student"] = sum(student_calls)
+    out.setdefault("time/gen_baseline", 0.0)
+    out["time/scoring"] = max(rollout_s - sum(teacher_calls) - sum(student_calls), 0.0)
+    return out
 
 
 def episode_samples(batch: RolloutBatch, k: int) -> list[dict[str, Any]]:
@@ -74,8 +104,8 @@ def train_grpo(
     spec = GRPOSpec.from_config(config)
     learner = GRPOLearner(policy, spec)
     timer = PhaseTimer()
-    rollout = TwoPassRollout(_Timed(student, timer, "student_generate"), _Timed(teacher, timer, "teacher_generate"),
-                             rl_setup.rollout_settings(config))  # fmt: skip
+    timed_student, timed_teacher = _Timed(student), _Timed(teacher)
+    rollout = TwoPassRollout(timed_student, timed_teacher, rl_setup.rollout_settings(config))
     order = EpochOrder(len(train), int(config.seed), bool(config.data.shuffle), policy.data_position)
     writer = MetricsWriter(config.output_dir, tensorboard=bool(lg.tensorboard), resume_step=policy.start_step)
     total = int(g.num_steps)
@@ -87,8 +117,11 @@ def train_grpo(
         with timer("weight_push"):
             teacher.update_weights(policy.params)  # on-policy: every rollout samples the newest weights
         problems = [train[i] for i in order.take(int(g.problems_per_step))]
+        timed_student.pop(), timed_teacher.pop()
+        t_roll = time.perf_counter()
         with timer("rollout"):
             batch = rollout.run(problems, step)
+        phases = phase_times(timed_student.pop(), timed_teacher.pop(), time.perf_counter() - t_roll)
         episodes = batch.episodes
         with timer("update"):
             arrays = learner.build_batch(
@@ -104,6 +137,10 @@ def train_grpo(
             "lr": float(policy.schedule(int(policy.state.step) - 1)),
         }
         record.update(timer.pop())
+        record.update(phases)
+        record["update_tokens_per_s"] = (
+            float(metrics["completion_tokens"]) * int(g.num_iterations) / max(record["time/update"], 1e-9)
+        )
         dt = time.perf_counter() - t0
         record["time/step"] = dt
         record["teacher_tokens_per_s"] = float(sum(len(e.teacher_completion_ids) for e in episodes)) / max(
