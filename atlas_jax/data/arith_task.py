@@ -114,18 +114,22 @@ def _leaks(problem: Problem) -> bool:
     return problem.answer in chain
 
 
-def sample_problem(rng: random.Random, steps: int) -> Problem:
-    """Draws one problem with ``steps`` additions whose correct hint does not contain the answer."""
+def sample_problem(rng: random.Random, steps: int, max_operand: int = 9) -> Problem:
+    """Draws a problem of ``steps`` additions (operands 1..max_operand) whose hint does not state the answer."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     while True:
-        p = Problem(tuple(rng.randint(1, 9) for _ in range(steps + 1)))
+        p = Problem(tuple(rng.randint(1, max_operand) for _ in range(steps + 1)))
         if not _leaks(p):
             return p
 
 
 def sample_problems(
-    seed: int, n: int, steps_weights: dict[int, float], exclude: frozenset[str] = frozenset()
+    seed: int,
+    n: int,
+    steps_weights: dict[int, float],
+    exclude: frozenset[str] = frozenset(),
+    max_operand: int = 9,
 ) -> list[Problem]:
     """Draws ``n`` distinct problems with difficulty drawn from ``steps_weights``.
 
@@ -151,7 +155,7 @@ def sample_problems(
         tries += 1
         if tries > 200 * n + 10_000:
             raise ValueError(f"cannot draw {n} distinct problems with {steps_weights} (got {len(out)})")
-        p = sample_problem(rng, rng.choices(levels, weights)[0])
+        p = sample_problem(rng, rng.choices(levels, weights)[0], max_operand)
         if p.text in local or (p.steps > 1 and p.text in exclude):
             continue
         local.add(p.text)
@@ -160,13 +164,17 @@ def sample_problems(
 
 
 def balanced_problems(
-    seed: int, per_level: int, levels: tuple[int, ...], exclude: frozenset[str] = frozenset()
+    seed: int,
+    per_level: int,
+    levels: tuple[int, ...],
+    exclude: frozenset[str] = frozenset(),
+    max_operand: int = 9,
 ) -> list[Problem]:
     """``per_level`` distinct problems for each difficulty in ``levels`` (e.g. the eval split)."""
     out: list[Problem] = []
     taken = set(exclude)
     for i, s in enumerate(levels):
-        ps = sample_problems(seed + 17 * i, per_level, {s: 1.0}, frozenset(taken))
+        ps = sample_problems(seed + 17 * i, per_level, {s: 1.0}, frozenset(taken), max_operand)
         taken.update(p.text for p in ps)
         out.extend(ps)
     return out
@@ -219,7 +227,11 @@ def followed_answer(problem: Problem, teaching: str) -> str:
 
 
 def student_rows(
-    seed: int, n: int, curriculum: StudentCurriculum, exclude: frozenset[str] = frozenset()
+    seed: int,
+    n: int,
+    curriculum: StudentCurriculum,
+    exclude: frozenset[str] = frozenset(),
+    max_operand: int = 9,
 ) -> list[StudentRow]:
     """Draws ``n`` student training rows (problems with replacement; multi-step ones not in ``exclude``)."""
     rng = random.Random(seed)
@@ -228,7 +240,7 @@ def student_rows(
     alone = dict(curriculum.alone_fraction)
     rows: list[StudentRow] = []
     while len(rows) < n:
-        p = sample_problem(rng, rng.choices(levels, weights)[0])
+        p = sample_problem(rng, rng.choices(levels, weights)[0], max_operand)
         if p.steps > 1 and p.text in exclude:
             continue
         if rng.random() < curriculum.probe_fraction:
@@ -316,6 +328,7 @@ class TaskSizes:
       rl_problems: problems drawn for GRPO (with replacement; multi-step ones never in eval).
       eval_per_level: held-out problems per difficulty (distinct; multi-step ones in no other split).
       levels: the difficulties (number of additions).
+      max_operand: operands are drawn from 1..max_operand.
     """
 
     student_rows: int = 20_000
@@ -323,6 +336,7 @@ class TaskSizes:
     rl_problems: int = 2_000
     eval_per_level: int = 48
     levels: tuple[int, ...] = (1, 2, 3)
+    max_operand: int = 9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,13 +360,13 @@ class TaskSplits:
 
 
 def draw_with_replacement(
-    seed: int, n: int, levels: tuple[int, ...], exclude: frozenset[str]
+    seed: int, n: int, levels: tuple[int, ...], exclude: frozenset[str], max_operand: int = 9
 ) -> list[Problem]:
     """``n`` problems, difficulty uniform over ``levels``, multi-step ones not in ``exclude``."""
     rng = random.Random(seed)
     out: list[Problem] = []
     while len(out) < n:
-        p = sample_problem(rng, rng.choice(levels))
+        p = sample_problem(rng, rng.choice(levels), max_operand)
         if p.steps == 1 or p.text not in exclude:
             out.append(p)
     return out
@@ -360,13 +374,21 @@ def draw_with_replacement(
 
 def make_splits(sizes: TaskSizes, curriculum: StudentCurriculum, mix: AnnotatorMix) -> TaskSplits:
     """Builds the held-out eval split first, then the student, SFT and RL data around it."""
-    eval_problems = balanced_problems(SPLIT_SEEDS["eval"], sizes.eval_per_level, sizes.levels)
+    eval_problems = balanced_problems(
+        SPLIT_SEEDS["eval"], sizes.eval_per_level, sizes.levels, max_operand=sizes.max_operand
+    )
     held_out = frozenset(p.text for p in eval_problems)
-    student = student_rows(SPLIT_SEEDS["student"], sizes.student_rows, curriculum, held_out)
+    student = student_rows(
+        SPLIT_SEEDS["student"], sizes.student_rows, curriculum, held_out, sizes.max_operand
+    )
     rng = random.Random(SPLIT_SEEDS["sft"] + 1)
     sft = []
-    for p in draw_with_replacement(SPLIT_SEEDS["sft"], sizes.sft_rows, sizes.levels, held_out):
+    for p in draw_with_replacement(
+        SPLIT_SEEDS["sft"], sizes.sft_rows, sizes.levels, held_out, sizes.max_operand
+    ):
         style, teaching = annotate(p, rng, mix)
         sft.append(SFTRow(p, probe_text(p), style, teaching))
-    rl = draw_with_replacement(SPLIT_SEEDS["rl"], sizes.rl_problems, sizes.levels, held_out)
+    rl = draw_with_replacement(
+        SPLIT_SEEDS["rl"], sizes.rl_problems, sizes.levels, held_out, sizes.max_operand
+    )
     return TaskSplits(student=student, sft=sft, rl=rl, eval=eval_problems)

@@ -22,14 +22,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.output_dir = "runs/quickstart"
 
     c.task = ml_collections.ConfigDict()
-    c.task.levels = (1, 2, 3)  # difficulties = number of additions (single-digit operands)
+    c.task.levels = (1, 2, 3)  # difficulties = number of additions
+    c.task.max_operand = 6  # operands are 1..max_operand
     c.task.student_rows = 24_000  # student curriculum rows (drawn with replacement)
     c.task.sft_rows = 2_000  # teacher SFT rows written by the noisy annotator
     c.task.rl_problems = 2_000  # GRPO problems (multi-step ones never in the eval split)
-    c.task.eval_per_level = 48  # held-out problems per difficulty
+    c.task.eval_per_level = 36  # held-out problems per difficulty
     c.task.probe_fraction = 0.15  # share of student rows that teach the probe ("add 3 numbers")
     c.task.alone_fraction = (1.0, 0.1, 0.0)  # per level: share of student rows answered without a chain hint
-    c.task.trust_fraction = 0.5  # share of chained rows with a wrong partial sum the target builds on
+    c.task.trust_fraction = 0.3  # share of chained rows with a wrong partial sum the target builds on
     # annotator: P(useful chain, generic advice, wrong chain) on multi-step; P(empty, generic, long) on 1-step
     c.task.annotator_mix = (0.4, 0.35, 0.25, 0.2, 0.4, 0.4)
     c.task.vocab_size = 448  # BPE target size (256 bytes + specials + merges); digits stay single tokens
@@ -46,8 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.shape = (1, -1, 1)
 
     c.student = ml_collections.ConfigDict()  # the student's own SFT run (same fields as c.sft)
-    c.student.learning_rate = 3e-3
-    c.student.num_steps = 600
+    c.student.learning_rate = 5e-3
+    c.student.num_steps = 800
     c.student.batch_size = 64
     c.student.micro_batch_size = 64
     c.student.max_length = 48
@@ -64,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.01
 
     c.grpo.learning_rate = 3e-4
-    c.grpo.num_steps = 30
+    c.grpo.num_steps = 50
     c.grpo.problems_per_step = 8
     c.grpo.num_generations = 8
     c.grpo.micro_batch_size = 64
@@ -93,5 +94,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint.async_save = False
     c.logging.tensorboard = False
     c.eval.every_steps = 0
-    c.eval.chunk = 48  # problems per rollout batch in the evaluation
+    c.eval.chunk = 36  # problems per rollout batch in the evaluation
     return c
