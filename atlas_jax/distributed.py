@@ -68,13 +68,18 @@ class Settings:
     reason: str = ""
 
 
-def _int_setting(value: int | str | None, arg: str, env: str, source: str) -> int | None:
-    if value is None:
-        return None
+_FIELDS = {
+    "coordinator_address": ENV_COORDINATOR,
+    "num_processes": ENV_NUM_PROCESSES,
+    "process_id": ENV_PROCESS_ID,
+}
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
     try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{arg} ({source} {env}) must be an integer, got {value!r}") from None
+        return int(env.get(name, "") or default)
+    except ValueError:
+        return default
 
 
 def detect_cluster(env: Mapping[str, str]) -> str | None:
@@ -84,14 +89,57 @@ def detect_cluster(env: Mapping[str, str]) -> str | None:
     worker list names more than one host. A GCE TPU pod that exposes its workers only through the metadata
     server is not seen here: set ``ATLAS_DISTRIBUTED=auto`` there.
     """
-    if "SLURM_JOB_ID" in env and int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")) or 1) > 1:
+    slurm_tasks = _env_int(env, "SLURM_STEP_NUM_TASKS", _env_int(env, "SLURM_NTASKS", 1))
+    if "SLURM_JOB_ID" in env and slurm_tasks > 1:
         return "slurm"
-    if "OMPI_MCA_orte_hnp_uri" in env and int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+    if "OMPI_MCA_orte_hnp_uri" in env and _env_int(env, "OMPI_COMM_WORLD_SIZE", 1) > 1:
         return "openmpi"
     hosts = env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_PROCESS_ADDRESSES") or ""
     if len([h for h in hosts.split(",") if h.strip()]) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
         return "tpu-pod"
     return None
+
+
+def _read_fields(given: dict[str, Any], env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Fills unset fields from the environment; returns ``(values, source of each set value)``."""
+    values, source = dict(given), {k: "argument" for k, v in given.items() if v is not None}
+    for arg, var in _FIELDS.items():
+        if values[arg] is None and env.get(var, "").strip():
+            values[arg], source[arg] = env[var].strip(), "environment variable"
+    for arg in ("num_processes", "process_id"):
+        if values[arg] is not None:
+            try:
+                values[arg] = int(values[arg])
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"{arg} ({source[arg]} {_FIELDS[arg]}) must be an integer, got {values[arg]!r}"
+                ) from None
+    return values, source
+
+
+def _check_values(n: int | None, pid: int | None, coord: str | None) -> None:
+    if n is not None and n < 1:
+        raise ValueError(f"num_processes ({ENV_NUM_PROCESSES}) must be >= 1, got {n}")
+    if pid is not None and (pid < 0 or (n is not None and pid >= n)):
+        raise ValueError(
+            f"process_id ({ENV_PROCESS_ID}) = {pid} is outside 0 … num_processes − 1 "
+            f"(num_processes = {n if n is not None else 'unset'})"
+        )
+    if coord is not None and not _valid_address(coord):
+        raise ValueError(
+            f"coordinator_address ({ENV_COORDINATOR}) = {coord!r}: expected 'host:port' with a port 1-65535"
+        )
+
+
+def _local_ids(ids: Sequence[int] | None, env: Mapping[str, str]) -> tuple[int, ...] | None:
+    if ids is None and env.get(ENV_LOCAL_DEVICE_IDS, "").strip():
+        try:
+            ids = [int(x) for x in env[ENV_LOCAL_DEVICE_IDS].split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(
+                f"{ENV_LOCAL_DEVICE_IDS}={env[ENV_LOCAL_DEVICE_IDS]!r}: expected comma-separated device ids"
+            ) from None
+    return tuple(int(i) for i in ids) if ids is not None else None
 
 
 def resolve_settings(
@@ -109,68 +157,36 @@ def resolve_settings(
         the argument and its environment variable.
     """
     env = os.environ if env is None else env
-    names = {
-        "coordinator_address": ENV_COORDINATOR,
-        "num_processes": ENV_NUM_PROCESSES,
-        "process_id": ENV_PROCESS_ID,
-    }
     given = {
         "coordinator_address": coordinator_address,
         "num_processes": num_processes,
         "process_id": process_id,
     }
-    source = {k: "argument" for k, v in given.items() if v is not None}
-    for arg, var in names.items():
-        if given[arg] is None and env.get(var, "").strip():
-            given[arg], source[arg] = env[var].strip(), "environment variable"
-    n = _int_setting(
-        given["num_processes"], "num_processes", ENV_NUM_PROCESSES, source.get("num_processes", "")
-    )
-    pid = _int_setting(given["process_id"], "process_id", ENV_PROCESS_ID, source.get("process_id", ""))
-    coord = given["coordinator_address"]
-    ids = local_device_ids
-    if ids is None and env.get(ENV_LOCAL_DEVICE_IDS, "").strip():
-        try:
-            ids = [int(x) for x in env[ENV_LOCAL_DEVICE_IDS].split(",") if x.strip()]
-        except ValueError:
-            raise ValueError(
-                f"{ENV_LOCAL_DEVICE_IDS}={env[ENV_LOCAL_DEVICE_IDS]!r}: expected comma-separated device ids"
-            ) from None
-    ids_t = tuple(int(i) for i in ids) if ids is not None else None
-
+    values, source = _read_fields(given, env)
+    coord, n, pid = values["coordinator_address"], values["num_processes"], values["process_id"]
+    ids = _local_ids(local_device_ids, env)
     mode_flag = env.get(ENV_MODE, "").strip().lower()
     if mode_flag not in ("", "auto", "off"):
         raise ValueError(f"{ENV_MODE}={env[ENV_MODE]!r}: expected 'auto', 'off' or unset")
     if mode_flag == "off":
         return Settings("single", reason=f"{ENV_MODE}=off")
-    if n is not None and n < 1:
-        raise ValueError(f"num_processes ({ENV_NUM_PROCESSES}) must be >= 1, got {n}")
-    if pid is not None and (pid < 0 or (n is not None and pid >= n)):
-        raise ValueError(
-            f"process_id ({ENV_PROCESS_ID}) = {pid} is outside 0 … num_processes − 1 "
-            f"(num_processes = {n if n is not None else 'unset'})"
-        )
-    if coord is not None and not _valid_address(coord):
-        raise ValueError(
-            f"coordinator_address ({ENV_COORDINATOR}) = {coord!r}: expected 'host:port' with a port 1-65535"
-        )
+    _check_values(n, pid, coord)
 
     cluster = "ATLAS_DISTRIBUTED=auto" if mode_flag == "auto" else detect_cluster(env)
-    set_fields = [k for k in names if given[k] is not None]
+    set_fields = [k for k in _FIELDS if values[k] is not None]
     if not set_fields:
         if cluster:
-            return Settings("auto", local_device_ids=ids_t, reason=f"auto-detect ({cluster})")
+            return Settings("auto", local_device_ids=ids, reason=f"auto-detect ({cluster})")
         return Settings("single", reason="no multi-host settings")
     if n == 1 and coord is None:
         return Settings("single", reason="num_processes = 1")
-    if len(set_fields) == len(names):
-        return Settings(
-            "explicit", coord, n, pid, ids_t, reason=", ".join(f"{k} from {source[k]}" for k in names)
-        )
+    if len(set_fields) == len(_FIELDS):
+        reason = ", ".join(f"{k} from {source[k]}" for k in _FIELDS)
+        return Settings("explicit", coord, n, pid, ids, reason=reason)
     if cluster:
-        return Settings("auto", coord, n, pid, ids_t, reason=f"partial settings completed by {cluster}")
-    missing = [f"{k} (or {names[k]})" for k in names if given[k] is None]
-    have = [f"{k}={given[k]!r} (from {source[k]})" for k in set_fields]
+        return Settings("auto", coord, n, pid, ids, reason=f"partial settings completed by {cluster}")
+    missing = [f"{k} (or {_FIELDS[k]})" for k in _FIELDS if values[k] is None]
+    have = [f"{k}={values[k]!r} (from {source[k]})" for k in set_fields]
     raise ValueError(
         "incomplete multi-host settings: have " + ", ".join(have) + "; missing " + ", ".join(missing) + ". "
         f"Set all three of {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID} (or the arguments), "
@@ -326,7 +342,8 @@ def gather_to_host(tree: Any) -> Any:
     """
     leaves, treedef = jax.tree.flatten(tree)
     remote = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array) and not x.is_fully_addressable]
-    out = [np.asarray(jax.device_get(x)) if i not in set(remote) else None for i, x in enumerate(leaves)]
+    remote_set = set(remote)
+    out = [None if i in remote_set else np.asarray(jax.device_get(x)) for i, x in enumerate(leaves)]
     if remote:
         gathered = multihost_utils.process_allgather([leaves[i] for i in remote], tiled=True)
         for i, g in zip(remote, gathered, strict=True):

@@ -82,16 +82,18 @@ while [[ ${#pids[@]} -gt 0 ]]; do
   wait -n -p done_pid "${pids[@]}"
   rc=$?
   set -e
-  if [[ -z "$done_pid" ]]; then break; fi
+  if [[ -z "${done_pid:-}" ]]; then break; fi
   left=()
   for pid in "${pids[@]}"; do
     if [[ "$pid" != "$done_pid" ]]; then left+=("$pid"); fi
   done
   pids=("${left[@]}")
-  if [[ $rc -ne 0 && $status -eq 0 ]]; then
+  if [[ $rc -ne 0 ]]; then
     status=$rc
     echo "multihost.sh: process pid $done_pid exited with status $rc; stopping the others" >&2
     cleanup
+    break
   fi
 done
+wait || true  # reap whatever was stopped
 exit "$status"

@@ -157,6 +157,23 @@ def test_multihost_script_runs_local_processes(tmp_path):
     _check_data([dict(np.load(tmp_path / f"rank{i}.npz")) for i in range(2)])
 
 
+def test_multihost_script_sets_each_process_env(tmp_path):
+    code = "import os; print(os.environ['ATLAS_PROCESS_ID'], os.environ['ATLAS_NUM_PROCESSES'], os.environ['ATLAS_COORDINATOR'])"
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "-n", "3", "-p", "23456", "--", sys.executable, "-c", code],
+        env=_child_env(), capture_output=True, text=True, timeout=100,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(proc.stdout.splitlines()) == [f"[{i}] {i} 3 127.0.0.1:23456" for i in range(3)]
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "-n", "2", "-l", str(tmp_path / "logs"), "--", sys.executable, "-c", code],
+        env=_child_env(), capture_output=True, text=True, timeout=100,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    for i in range(2):
+        assert (tmp_path / "logs" / f"process_{i}.log").read_text().startswith(f"{i} 2 127.0.0.1:")
+
+
 def test_multihost_script_stops_all_when_one_fails():
     code = "import os, sys, time\nif os.environ['ATLAS_PROCESS_ID'] == '1': sys.exit(3)\ntime.sleep(120)\n"
     t0 = time.monotonic()
@@ -280,3 +297,10 @@ def test_host_local_batch_single_process():
     np.testing.assert_array_equal(back["b"], batch["b"])
     with pytest.raises(ValueError, match="different row counts"):
         distributed.shard_global_batch({"a": np.zeros((8, 1)), "b": np.zeros((4,))}, mesh)
+
+
+def test_initialize_after_jax_work_says_to_call_it_first(clean_env):
+    jax.devices()  # the backend exists now, as after any computation
+    with pytest.raises(RuntimeError, match="must run before any JAX computation"):
+        distributed.initialize(coordinator_address=f"127.0.0.1:{_free_port()}", num_processes=2, process_id=0)
+    assert not jax.distributed.is_initialized()
