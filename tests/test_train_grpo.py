@@ -43,7 +43,7 @@ def _run(config, steps, completion_len=6):
     )  # fmt: skip
     config.protocol.max_teaching_tokens = completion_len
     learner = GRPOLearner(policy, GRPOSpec.from_config(config))
-    engine = JaxSampler(train_step.merge_model(policy.graphdef, policy.params, policy.rest))
+    engine = JaxSampler(train_step.merge_model(policy.graphdef, policy.params, policy.rest), mesh=policy.mesh)
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(1, VOCAB - 1, 5)) for _ in range(int(config.grpo.problems_per_step))]
     g = int(config.grpo.num_generations)
@@ -72,6 +72,7 @@ def test_grpo_raises_reward_for_a_preferred_token(tmp_path):
     )  # fmt: skip
     rewards, metrics, _ = _run(config, steps=8)
     first, last = np.mean(rewards[:2]), np.mean(rewards[-2:])
+    print("mean reward per step:", [round(r, 3) for r in rewards])
     assert last > first + 0.2, rewards  # from ~1/53 per token to a large fraction of the tokens
     # μ = 1: the first update runs at the sampler's weights, so trainer and sampler log-probs agree.
     for m in metrics:

@@ -117,7 +117,9 @@ def teacher_engine(config: Any, policy: Any) -> Engine:
         from atlas_jax.engines.jax_sampler import JaxSampler
         from atlas_jax.training.train_step import merge_model
 
-        return JaxSampler(merge_model(policy.graphdef, policy.params, policy.rest), tokenizer)
+        return JaxSampler(
+            merge_model(policy.graphdef, policy.params, policy.rest), tokenizer, mesh=policy.mesh
+        )
     if kind == "vllm":
         import jax
 
