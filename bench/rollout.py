@@ -60,9 +60,9 @@ def bench_model(args: argparse.Namespace, out_dir: Path):
     return hf_dir, cfg, flat
 
 
-def _timed(fn, reps: int) -> tuple[float, float]:
-    """(wall, CPU) seconds of the fastest of ``reps`` calls after a warm-up call."""
-    fn()  # warm-up: compilation / graph set-up
+def _timed(fn, reps: int, warmup=None) -> tuple[float, float]:
+    """(wall, CPU) seconds of the fastest of ``reps`` calls after a warm-up call (``warmup`` or ``fn``)."""
+    (warmup or fn)()  # compilation / graph set-up
     best, cpu = float("inf"), float("inf")
     for _ in range(reps):
         t, c = time.perf_counter(), time.process_time()
@@ -133,15 +133,14 @@ def hf_rollout(hf_dir: Path, prompts, args) -> dict[str, float]:
     ids = torch.tensor(prompts)  # equal lengths: no padding needed
     mask = torch.ones_like(ids)
 
-    def run():
+    def run(new_tokens: int = args.max_tokens):
         with torch.no_grad():
             model.generate(
                 input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens,
-                num_return_sequences=args.n, pad_token_id=0,
+                max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_return_sequences=args.n, pad_token_id=0,
             )  # fmt: skip
 
-    return _result(_timed(run, args.reps), len(prompts) * args.n * args.max_tokens)
+    return _result(_timed(run, args.reps, warmup=lambda: run(4)), len(prompts) * args.n * args.max_tokens)
 
 
 def vllm_rollout(hf_dir: Path, prompts, args) -> dict[str, float]:
@@ -153,7 +152,12 @@ def vllm_rollout(hf_dir: Path, prompts, args) -> dict[str, float]:
     )
     params = SamplingParams(temperature=1.0, max_tokens=args.max_tokens, seed=0)
     try:
-        times = _timed(lambda: engine.generate(prompts, params, n=args.n), args.reps)
+        warm = SamplingParams(temperature=1.0, max_tokens=4, seed=0)
+        times = _timed(
+            lambda: engine.generate(prompts, params, n=args.n),
+            args.reps,
+            lambda: engine.generate(prompts, warm),
+        )
     finally:
         engine.close()
     return _result(times, len(prompts) * args.n * args.max_tokens)

@@ -128,6 +128,7 @@ def test_top_k_one_is_greedy(engine):
     assert [c[0].token_ids for c in topk1] == [c[0].token_ids for c in greedy]
 
 
+@pytest.mark.slow  # > 30 s on the shared 2-core machine (several compilations)
 def test_seed_determinism_and_independent_samples(engine):
     p = SamplingParams(temperature=1.0, max_tokens=16, seed=11)
     a = engine.generate(PROMPTS, p, n=4)
@@ -191,6 +192,7 @@ def test_cut_helpers_with_a_hand_tokenizer():
     assert cut_at_stop_string(text, ("nope", "")) is None
 
 
+@pytest.mark.slow  # > 30 s on the shared 2-core machine (several compilations)
 def test_no_recompilation_within_a_bucket(engine):
     p = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=10, seed=1)
     engine.generate(PROMPTS, p)
@@ -205,6 +207,7 @@ def test_no_recompilation_within_a_bucket(engine):
     assert engine.trace_counts["decode"] == before["decode"] + 1
 
 
+@pytest.mark.slow  # > 30 s on the shared 2-core machine (several compilations)
 def test_update_weights_swaps_references_and_live_model_is_on_policy(setup):
     _, tok, cfg, flat = setup
     model = build_model(cfg, flat)
