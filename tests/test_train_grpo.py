@@ -36,7 +36,7 @@ TINY = ModelConfig(
 )  # fmt: skip
 
 
-def _run(config, steps, completion_len=6):
+def _run(config, steps, completion_len=6, stop=None):
     policy = make_policy(
         config, learning_rate=float(config.grpo.learning_rate), total_steps=steps * int(config.grpo.num_iterations),
         extra_init=GRPOLearner.extra_init(float(config.grpo.beta)), model_cfg=TINY,
@@ -48,7 +48,7 @@ def _run(config, steps, completion_len=6):
     prompts = [list(rng.integers(1, VOCAB - 1, 5)) for _ in range(int(config.grpo.problems_per_step))]
     g = int(config.grpo.num_generations)
     rewards_per_step, metrics = [], []
-    for step in range(steps):
+    for step in range(policy.start_step, stop or steps):
         engine.update_weights(policy.params)  # on-policy: the new weights reach the sampler first
         sp = SamplingParams(temperature=float(config.grpo.temperature), max_tokens=completion_len, seed=step)
         out = engine.generate(prompts, sp, n=g)
@@ -61,6 +61,8 @@ def _run(config, steps, completion_len=6):
         )
         metrics.append(jax.device_get(learner.update(batch, step)))
         rewards_per_step.append(float(rewards.mean()))
+        policy.save(step + 1, data_position={"step": step + 1}, extra=policy.extra)
+    policy.ckpt.wait()
     return rewards_per_step, metrics, policy
 
 
@@ -93,3 +95,27 @@ def test_grpo_multiple_iterations_clip_and_kl(tmp_path):
     assert any(float(m["kl"]) > 0 for m in metrics)
     ref, params = jax.device_get(policy.extra["ref_params"]), jax.device_get(policy.params)
     assert not np.array_equal(ref["embed/embedding"], params["embed/embedding"])
+
+
+@pytest.mark.slow
+def test_grpo_resume_restores_params_optimizer_and_ema_reference(tmp_path):
+    kw = dict(
+        learning_rate=1e-2, problems_per_step=2, num_generations=4, micro_batch_size=8, temperature=1.0,
+        beta=0.05, ref_update="ema", ref_sync_steps=1, ref_alpha=0.5,
+    )  # fmt: skip
+    a = _config(tmp_path / "a", **kw)
+    a.checkpoint.every_steps = 2
+    rewards_a, metrics_a, pa = _run(a, steps=4)
+    b = _config(tmp_path / "b", **kw)
+    b.checkpoint.every_steps = 2
+    _, metrics_b1, _ = _run(b, steps=4, stop=2)
+    rewards_b, metrics_b2, pb = _run(_config(tmp_path / "b", **kw), steps=4)  # resumes at step 2
+    assert pb.start_step == 2 and pb.data_position == {"step": 2}
+    assert rewards_b == rewards_a[2:]
+    for ma, mb in zip(metrics_a, metrics_b1 + metrics_b2, strict=True):
+        assert float(ma["loss"]) == float(mb["loss"]) and float(ma["kl"]) == float(mb["kl"])
+    for tree in ("params", "ref"):
+        xa = jax.device_get(pa.params if tree == "params" else pa.extra["ref_params"])
+        xb = jax.device_get(pb.params if tree == "params" else pb.extra["ref_params"])
+        for k in xa:
+            np.testing.assert_array_equal(xa[k], xb[k], err_msg=f"{tree}:{k}")
