@@ -1,5 +1,6 @@
 """Config files load, every base field is documented, and validation names the flags to change."""
 
+import json
 import os
 import re
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from atlas_jax.models.presets import get_preset
 from atlas_jax.training.validate import ConfigError, validate_config
 from configs.base import get_config
 from configs.run import teacher_rcl, teacher_sft
@@ -15,8 +17,21 @@ from configs.run import teacher_rcl, teacher_sft
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _teacher_folder(tmp_path, monkeypatch):
+    """An HF-style folder with the 8B config.json (no weights: validation reads only the config)."""
+    folder = tmp_path / "qwen3_8b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(get_preset("qwen3_8b").to_hf()))
+    monkeypatch.setattr(sys.modules[__name__], "TEACHER", str(folder))
+
+
+TEACHER = ""
+
+
 def _grpo():
     c = teacher_rcl.get_config()
+    c.model.teacher = TEACHER
     c.model.student = "/models/student"
     c.data.rl_path = "/data/rl.jsonl"
     return c
@@ -36,7 +51,7 @@ def test_every_base_field_has_a_comment():
 def test_shipped_run_configs_validate_with_their_required_paths():
     validate_config(_grpo(), num_devices=8)
     c = teacher_sft.get_config()
-    c.model.teacher, c.data.sft_path = "/models/qwen3", "/data/sft.jsonl"
+    c.model.teacher, c.data.sft_path = TEACHER, "/data/sft.jsonl"
     validate_config(c, num_devices=8)
     assert c.sft.learning_rate == 1e-5 and c.optim.schedule == "cosine"
     r = teacher_rcl.get_config()
@@ -52,6 +67,17 @@ def test_required_paths_are_named():
     with pytest.raises(ConfigError) as e:
         validate_config(teacher_rcl.get_config(), num_devices=8)
     assert "--config.model.student" in str(e.value) and "--config.data.rl_path" in str(e.value)
+
+
+def test_budgets_against_the_teacher_context():
+    c = _grpo()
+    c.protocol.max_prompt_tokens, c.protocol.max_teaching_tokens = 40000, 4096
+    with pytest.raises(ConfigError, match=r"max_prompt_tokens \+ max_teaching_tokens = 44096 exceeds"):
+        validate_config(c, num_devices=8)
+    c = _grpo()
+    c.model.teacher = "/no/such/teacher"
+    with pytest.raises(ConfigError, match=r"--config\.model\.teacher=/no/such/teacher: no such folder"):
+        validate_config(c, num_devices=8)
 
 
 def test_impossible_batch_layout():
@@ -102,7 +128,7 @@ def test_all_problems_reported_at_once_and_bad_enums():
 
 def test_sft_layout():
     c = teacher_sft.get_config()
-    c.model.teacher, c.data.sft_path = "/m", "/d"
+    c.model.teacher, c.data.sft_path = TEACHER, "/d"
     c.sft.batch_size, c.sft.micro_batch_size = 16, 6
     with pytest.raises(ConfigError, match=r"--config\.sft\.batch_size = 16 rows per step"):
         validate_config(c, num_devices=8)

@@ -123,6 +123,33 @@ def _sft_errors(config: Any, shards: int) -> list[str]:
     return e
 
 
+def _model_errors(config: Any) -> list[str]:
+    """The teacher must exist, and its context must hold the longest sequence the job builds."""
+    from pathlib import Path
+
+    from atlas_jax.training.runtime import model_config
+
+    path, preset = str(config.model.teacher), str(config.model.teacher_preset)
+    if path and not Path(path).exists():
+        return [f"--config.model.teacher={path}: no such folder"]
+    try:
+        cfg = model_config(path, preset, model_section=config.model)
+    except (ValueError, FileNotFoundError) as e:
+        return [f"--config.model.teacher / teacher_preset: {e}"]
+    ctx, e = cfg.max_position_embeddings, []
+    p = config.protocol
+    if config.job == "grpo" and p.max_prompt_tokens + p.max_teaching_tokens > ctx:
+        e.append(
+            f"--config.protocol.max_prompt_tokens + max_teaching_tokens = {p.max_prompt_tokens + p.max_teaching_tokens} "
+            f"exceeds the teacher's context ({ctx} positions): lower them"
+        )
+    if config.job == "sft" and config.sft.max_length > ctx:
+        e.append(
+            f"--config.sft.max_length={config.sft.max_length} exceeds the teacher's context ({ctx} positions)"
+        )
+    return e
+
+
 def validate_config(config: Any, num_devices: int | None = None) -> None:
     """Checks the config for ``config.job``; raises ``ConfigError`` listing every problem found."""
     errors: list[str] = []
@@ -148,5 +175,7 @@ def validate_config(config: Any, num_devices: int | None = None) -> None:
         )
     if config.job != "pipeline" and not (config.model.teacher or config.model.teacher_preset):
         errors.append("set --config.model.teacher (HF or checkpoint folder) or --config.model.teacher_preset")
+    elif config.job != "pipeline":
+        errors += _model_errors(config)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
