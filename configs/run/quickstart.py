@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.task.alone_fraction = (1.0, 0.1, 0.0)  # per level: share of student rows answered without a chain hint
     c.task.trust_fraction = 0.3  # share of chained rows with a wrong partial sum the target builds on
     # annotator: P(useful chain, generic advice, wrong chain) on multi-step; P(empty, generic, long) on 1-step
-    c.task.annotator_mix = (0.4, 0.35, 0.25, 0.2, 0.4, 0.4)
+    c.task.annotator_mix = (0.55, 0.3, 0.15, 0.2, 0.4, 0.4)
     c.task.vocab_size = 448  # BPE target size (256 bytes + specials + merges); digits stay single tokens
     c.task.hidden_size = 64  # the student's (and teacher's) decoder: tiny, head_dim 32 so vLLM serves it
     c.task.intermediate_size = 256
@@ -54,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.student.max_length = 48
 
     c.sft.learning_rate = 1e-3
-    c.sft.num_steps = 150
+    c.sft.num_steps = 400
     c.sft.batch_size = 64
     c.sft.micro_batch_size = 64
     c.sft.max_length = 48
@@ -64,8 +64,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.min_lr_ratio = 0.05
     c.optim.weight_decay = 0.01
 
-    c.grpo.learning_rate = 3e-4
-    c.grpo.num_steps = 50
+    c.grpo.learning_rate = 5e-4
+    c.grpo.num_steps = 80
     c.grpo.problems_per_step = 8
     c.grpo.num_generations = 8
     c.grpo.micro_batch_size = 64
