@@ -173,7 +173,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 10  # GRPO steps between evaluations (0 = only at the end)
     c.eval.num_problems = 64  # held-out problems per evaluation
-    c.eval.num_seeds = 3  # launch.eval: sampling seeds (seed, seed+1, ...); every arm runs on every problem per seed
+    c.eval.num_seeds = (
+        3  # launch.eval: sampling seeds (seed, seed+1, ...); every arm runs on every problem per seed
+    )
     c.eval.chunk = 64  # launch.eval: problems per rollout batch (one compiled batch shape)
     c.eval.bootstrap_resamples = 1000  # launch.eval: percentile-bootstrap resamples of the accuracy CI
     c.eval.confidence = 0.95  # launch.eval: confidence level of the bootstrap intervals

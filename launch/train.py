@@ -41,6 +41,11 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None:
         raise app.UsageError("--config=configs/run/<name>.py is required")
+    # Joins a multi-process run when ATLAS_COORDINATOR/... (or SLURM/TPU pod settings) say so; a
+    # no-op for a single process. Must run before anything touches a JAX device.
+    from atlas_jax import distributed
+
+    distributed.initialize()
     train(_CONFIG.value)
 
 
