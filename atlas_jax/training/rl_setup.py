@@ -5,7 +5,6 @@ Kept apart from the loop so the loop only sees ``Engine``s and ``RolloutSettings
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -50,29 +49,10 @@ def reward_params_from_config(config: Any) -> RewardParams:
 
 
 def rollout_settings(config: Any) -> RolloutSettings:
-    """``RolloutSettings`` from ``config.protocol`` / ``config.grpo`` / ``config.reward``."""
-    p, g = config.protocol, config.grpo
-    kwargs: dict[str, Any] = dict(
-        k=int(p.num_baseline_samples),
-        m=int(p.num_student_samples),
-        group_size=int(g.num_generations),
-        max_probe_tokens=int(p.max_probe_tokens),
-        max_teaching_tokens=int(p.max_teaching_tokens),
-        max_prompt_tokens=int(p.max_prompt_tokens),
-        max_student_tokens=int(p.max_student_tokens),
-        student_temperature=float(p.student_temperature),
-        teacher_temperature=float(g.temperature),
-        teacher_top_p=float(g.top_p),
-        templates=templates_from_config(config),
-        reward=str(config.reward.name),
-        reward_params=reward_params_from_config(config),
-        seed=int(config.seed),
-    )
-    names = {f.name for f in dataclasses.fields(RolloutSettings)}
-    for name in ("probe_temperature", "answer_extractor", "verifier", "missing_teaching"):
-        if name in p and name in names:
-            kwargs[name] = p[name]
-    return RolloutSettings(**kwargs)
+    """``RolloutSettings`` from ``config.protocol`` / ``config.grpo`` / ``config.reward`` (the protocol's builder)."""
+    from atlas_jax.protocol.settings import rollout_settings_from_config
+
+    return rollout_settings_from_config(config)
 
 
 def load_tokenizer(path: str) -> Any:
