@@ -25,9 +25,9 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x_btd, cos, sin, k_cache, v_cache, slot_mask, index):
+    def __call__(self, x_btd, cos, sin, k_cache, v_cache, slot_mask, index, pair_mask=None):
         attn_btd, k_cache, v_cache = self.attn(
-            self.input_norm(x_btd), cos, sin, k_cache, v_cache, slot_mask, index
+            self.input_norm(x_btd), cos, sin, k_cache, v_cache, slot_mask, index, pair_mask
         )
         x_btd = constrain(x_btd + attn_btd, _ACT_BTD)
         x_btd = constrain(x_btd + self.mlp(self.post_attn_norm(x_btd)), _ACT_BTD)
@@ -45,7 +45,9 @@ class Decoder(nnx.Module):
     """Embedding -> L decoder layers -> final RMSNorm -> (tied or untied) unembedding.
 
     Prefill and one-token decode are the same call: pass a `KVCache` and the tokens are written at ``cache.index``.
-    Without a cache, a temporary one of length T is used (plain causal attention over the real tokens).
+    Without a cache, a temporary one of length T is used (plain causal attention over the real tokens); there,
+    ``segment_ids[B,T]`` (packed SFT rows: 1, 2, … per example, 0 = padding) restrict attention to earlier tokens
+    of the same segment, and ``positions`` should restart at 0 for each example.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -63,12 +65,25 @@ class Decoder(nnx.Module):
         positions: Int[Array, "b t"],
         attention_mask: Array,
         cache: KVCache | None = None,
+        segment_ids: Int[Array, "b t"] | None = None,
     ) -> tuple[Float[Array, "b t d"], KVCache | None]:
-        """Final-norm hidden states ``[B,T,D]`` (compute dtype) and the updated cache (None if none was given)."""
+        """Final-norm hidden states ``[B,T,D]`` (compute dtype) and the updated cache (None if none was given).
+
+        Raises:
+          ValueError: ``segment_ids`` together with a cache (packing is a training-path feature), or a KV-cache
+            overflow detected outside jit.
+        """
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         b, t = input_ids.shape
         zero = jnp.zeros((), jnp.int32)
+        pair_mask = None
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError(
+                    "segment_ids (packed rows) are only supported without a KVCache (training path)"
+                )
+            pair_mask = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B,T,S]: same example
         if (
             cache is None
         ):  # no stacked [L,...] buffers: each layer attends over its own T keys (training path)
@@ -97,7 +112,7 @@ class Decoder(nnx.Module):
                 k_i = v_i = jnp.zeros(kv_shape, dtype)
             else:
                 k_i, v_i = k_all[i], v_all[i]
-            x_btd, k_i, v_i = call(layer, x_btd, cos, sin, k_i, v_i, slot_mask, index)
+            x_btd, k_i, v_i = call(layer, x_btd, cos, sin, k_i, v_i, slot_mask, index, pair_mask)
             if cache is not None:  # written back in place under jit (donate the cache)
                 k_all = k_all.at[i].set(k_i)
                 v_all = v_all.at[i].set(v_i)
@@ -127,9 +142,10 @@ class Decoder(nnx.Module):
         positions: Int[Array, "b t"],
         attention_mask: Array,
         cache: KVCache | None = None,
+        segment_ids: Int[Array, "b t"] | None = None,
     ) -> tuple[Float[Array, "b t v"], KVCache | None]:
-        """Logits ``[B,T,V]`` in float32 and the updated cache."""
-        hidden, cache = self.hidden_states(input_ids, positions, attention_mask, cache)
+        """Logits ``[B,T,V]`` in float32 and the updated cache (``segment_ids``: see ``hidden_states``)."""
+        hidden, cache = self.hidden_states(input_ids, positions, attention_mask, cache, segment_ids)
         return self.unembed(hidden), cache
 
 

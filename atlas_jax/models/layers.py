@@ -115,7 +115,8 @@ class Attention(nnx.Module):
     """Grouped-query self-attention with optional q/k/v bias and q/k RMSNorm, writing into a KV cache.
 
     The keys/values of the T new tokens are written at cache slots [index, index+T); query t (slot index+t) attends
-    to slot s iff s <= index+t and the slot holds a real token (``slot_mask``).
+    to slot s iff s <= index+t and the slot holds a real token (``slot_mask``), and, when ``pair_mask[B,T,S]`` is
+    given (packed training rows), iff ``pair_mask[b,t,s]`` (same segment).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -153,6 +154,7 @@ class Attention(nnx.Module):
         v_cache: Float[Array, "b s k h"],
         slot_mask: Array,
         index: Int[Array, ""],
+        pair_mask: Array | None = None,
     ) -> tuple[Float[Array, "b t d"], Float[Array, "b s k h"], Float[Array, "b s k h"]]:
         """Returns (output, updated k_cache, updated v_cache); ``slot_mask[B,S]`` already includes the new tokens."""
         b, t, _ = x_btd.shape
@@ -180,6 +182,8 @@ class Attention(nnx.Module):
         q_slot_t = index + jnp.arange(t, dtype=jnp.int32)
         causal_ts = jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slot_t[:, None]
         allowed_bts = causal_ts[None, :, :] & slot_mask.astype(bool)[:, None, :]
+        if pair_mask is not None:
+            allowed_bts = allowed_bts & pair_mask.astype(bool)
         logits_bkgts = jnp.where(allowed_bts[:, None, None, :, :], logits_bkgts, _NEG_INF)
         probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1)
         out_btkgh = einsum("bkgts,bskh->btkgh", probs_bkgts, v_cache, self.dtype)

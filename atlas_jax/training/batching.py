@@ -129,6 +129,37 @@ def sft_arrays(
     return {"tokens": tokens, "attention_mask": attn, "positions": positions, "loss_mask": mask}
 
 
+class FirstFit:
+    """Greedy first-fit bin packing: each item goes into the first bin with room for it, else a new bin.
+
+    Items longer than ``capacity`` count as ``capacity`` (they are cut to it when packed). With ``max_bins``,
+    ``add`` refuses (returns False, changes nothing) an item that would need one bin more than that.
+    """
+
+    def __init__(self, capacity: int, max_bins: int | None = None) -> None:
+        if capacity < 1:
+            raise ValueError(f"packing capacity must be >= 1, got {capacity}")
+        self.capacity, self.max_bins = capacity, max_bins
+        self.bins: list[list[int]] = []
+        self.free: list[int] = []
+
+    def add(self, key: int, length: int) -> bool:
+        """Places item ``key`` of ``length`` tokens; False if it needs a bin beyond ``max_bins``."""
+        if length < 1:
+            raise ValueError(f"row {key}: empty example (0 tokens) cannot be packed")
+        n = min(length, self.capacity)
+        for j, free in enumerate(self.free):
+            if free >= n:
+                self.bins[j].append(key)
+                self.free[j] -= n
+                return True
+        if self.max_bins is not None and len(self.bins) >= self.max_bins:
+            return False
+        self.bins.append([key])
+        self.free.append(self.capacity - n)
+        return True
+
+
 def pack_rows(
     input_ids: Sequence[Sequence[int]],
     loss_masks: Sequence[Sequence[int]],
@@ -136,24 +167,26 @@ def pack_rows(
     max_length: int,
     pad_id: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Greedy first-fit packing of SFT rows into ``max_length`` rows (each example kept whole).
+    """Greedy first-fit (``FirstFit``) packing of SFT examples into rows of exactly ``max_length`` tokens.
 
-    Returns the ``sft_arrays`` fields plus ``segment_ids`` (1, 2, … per example in a row; 0 = padding);
-    positions restart at 0 for each example and the first token of each example is not a target.
+    Each example is kept whole, except one longer than ``max_length``, which keeps its last ``max_length``
+    tokens (as ``sft_arrays`` does) and fills a row alone.
+
+    Returns:
+      the ``sft_arrays`` fields ``[R, max_length]`` plus ``segment_ids`` (1, 2, … per example in a row,
+      0 = padding); positions restart at 0 for each example and each example's first token is not a target.
+
+    Raises:
+      ValueError: an example with 0 tokens, or a loss mask whose length differs from its example's.
     """
-    bins: list[list[int]] = []
-    space: list[int] = []
-    for i, x in enumerate(input_ids):
-        n = min(len(x), max_length)
-        for j, free in enumerate(space):
-            if free >= n:
-                bins[j].append(i)
-                space[j] -= n
-                break
-        else:
-            bins.append([i])
-            space.append(max_length - n)
-    b = len(bins)
+    if len(input_ids) != len(loss_masks):
+        raise ValueError("input_ids and loss_masks must have one entry per row")
+    packer = FirstFit(max_length)
+    for i, (x, m) in enumerate(zip(input_ids, loss_masks, strict=True)):
+        if len(x) != len(m):
+            raise ValueError(f"row {i}: {len(x)} tokens but {len(m)} loss-mask entries")
+        packer.add(i, len(x))
+    b = len(packer.bins)
     out = {
         "tokens": np.full((b, max_length), pad_id, np.int32),
         "attention_mask": np.zeros((b, max_length), np.int32),
@@ -161,7 +194,7 @@ def pack_rows(
         "loss_mask": np.zeros((b, max_length), np.float32),
         "segment_ids": np.zeros((b, max_length), np.int32),
     }
-    for r, members in enumerate(bins):
+    for r, members in enumerate(packer.bins):
         at = 0
         for seg, i in enumerate(members, start=1):
             x, m = list(input_ids[i])[-max_length:], list(loss_masks[i])[-max_length:]
@@ -170,7 +203,7 @@ def pack_rows(
             out["attention_mask"][r, sl] = 1
             out["positions"][r, sl] = np.arange(len(x))
             out["loss_mask"][r, sl] = m
-            out["loss_mask"][r, at] = 0.0
+            out["loss_mask"][r, at] = 0.0  # an example's first token has no context to be predicted from
             out["segment_ids"][r, sl] = seg
             at += len(x)
     return out

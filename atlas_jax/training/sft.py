@@ -90,11 +90,40 @@ def _arrays(examples: Sequence[Any], sc: Any, pad_rows_to: int, pad_id: int) -> 
     )
 
 
-def sft_total_steps(config: Any, num_examples: int) -> int:
+def take_step_examples(order: EpochOrder, lengths: Sequence[int], sc: Any) -> list[int]:
+    """Example indices of the next step.
+
+    Unpacked: the next ``sft.batch_size`` examples. Packed: as many next examples as ``batching.FirstFit``
+    places into ``sft.batch_size`` rows of ``sft.max_length`` tokens (the first one that does not fit is left
+    for the next step), so a packed step is always ``[batch_size, max_length]``: one compile, no empty rows.
+    """
+    if not sc.packing:
+        return order.take(int(sc.batch_size))
+    packer = batching.FirstFit(int(sc.max_length), max_bins=int(sc.batch_size))
+    taken: list[int] = []
+    while True:
+        epoch, index = order.epoch, order.index
+        (i,) = order.take(1)
+        if not packer.add(i, int(lengths[i])):
+            order.epoch, order.index = epoch, index  # give it back
+            return taken
+        taken.append(i)
+
+
+def sft_total_steps(config: Any, num_examples: int, lengths: Sequence[int] | None = None) -> int:
+    """``sft.num_steps``, else the steps of ``sft.num_epochs`` epochs (packed: counted by replaying the packer)."""
     sc = config.sft
     if sc.num_steps > 0:
         return int(sc.num_steps)
-    return max(1, math.ceil(num_examples * float(sc.num_epochs) / int(sc.batch_size)))
+    budget = num_examples * float(sc.num_epochs)
+    if not sc.packing or lengths is None:
+        return max(1, math.ceil(budget / int(sc.batch_size)))
+    order = EpochOrder(num_examples, int(config.seed), bool(config.data.shuffle))
+    steps = seen = 0
+    while seen < budget:
+        seen += len(take_step_examples(order, lengths, sc))
+        steps += 1
+    return max(1, steps)
 
 
 def evaluate(
@@ -123,7 +152,8 @@ def train_sft(
 ) -> Policy:
     """Runs (or resumes) SFT; returns the trained ``Policy``. See the module docstring."""
     sc = config.sft
-    total = sft_total_steps(config, len(train))
+    lengths = [len(e.input_ids) for e in train]
+    total = sft_total_steps(config, len(train), lengths)
     policy = make_policy(
         config, learning_rate=float(sc.learning_rate), total_steps=total, init_path=init_path
     )
@@ -168,7 +198,7 @@ def train_sft(
     for step in range(policy.start_step, total):
         with timer("data"):
             arrays = _arrays(
-                [train[i] for i in order.take(int(sc.batch_size))], sc, int(sc.batch_size), pad_id
+                [train[i] for i in take_step_examples(order, lengths, sc)], sc, int(sc.batch_size), pad_id
             )
         with timer("update"):
             policy.state, metrics = step_fn(policy.state, arrays)

@@ -112,14 +112,8 @@ def _sft_errors(config: Any, shards: int) -> list[str]:
         e.append(f"--config.sft.max_length={s.max_length} must be >= 2")
     if s.num_steps < 0 or (s.num_steps == 0 and s.num_epochs <= 0):
         e.append("set --config.sft.num_steps > 0 or --config.sft.num_epochs > 0")
-    if s.packing:
-        from atlas_jax.models.decoder import Decoder
-        from atlas_jax.training.sft import packing_supported
-
-        if not packing_supported(Decoder):
-            e.append(
-                "--config.sft.packing=True needs segment-aware attention, which the decoder lacks; set it False"
-            )
+    # Packing needs no check of its own: packed rows are exactly max_length tokens, which _model_errors
+    # holds to the teacher's context, and the decoder masks attention by segment (Decoder.hidden_states).
     return e
 
 
