@@ -27,6 +27,7 @@ only the rows its devices hold (``host_local_batch``) and ``to_global_array`` as
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -329,7 +330,9 @@ def shard_global_batch(batch: Any, mesh: Mesh, batch_axes: Sequence[str] = BATCH
     if len(rows) != 1:
         raise ValueError(f"batch leaves have different row counts {sorted(rows)}; expected one leading size")
     (n,) = rows
-    idx = host_local_batch(n, mesh, batch_axes)
+    idx = host_local_batch(n, mesh, batch_axes)  # also checks that the rows split over the mesh
+    if jax.process_count() == 1:  # every row is local: one transfer, no host-side copy
+        return jax.device_put(batch, _row_sharding(mesh, batch_axes))
     local = jax.tree.map(lambda x: np.asarray(x)[idx], batch)
     return to_global_array(local, mesh, PartitionSpec(tuple(batch_axes)), global_rows=n)
 
@@ -343,12 +346,42 @@ def gather_to_host(tree: Any) -> Any:
     leaves, treedef = jax.tree.flatten(tree)
     remote = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array) and not x.is_fully_addressable]
     remote_set = set(remote)
-    out = [None if i in remote_set else np.asarray(jax.device_get(x)) for i, x in enumerate(leaves)]
+    local = [i for i in range(len(leaves)) if i not in remote_set]
+    out: list[Any] = [None] * len(leaves)
+    # One device_get for all local leaves: their transfers overlap (as a single-host loop would do).
+    for i, x in zip(local, jax.device_get([leaves[i] for i in local]), strict=True):
+        out[i] = np.asarray(x)
     if remote:
         gathered = multihost_utils.process_allgather([leaves[i] for i in remote], tiled=True)
         for i, g in zip(remote, gathered, strict=True):
             out[i] = np.asarray(g)
     return jax.tree.unflatten(treedef, out)
+
+
+def assert_same_on_all_hosts(tree: Any, what: str) -> None:
+    """Checks that every process holds the same host values (a collective; no-op on one host).
+
+    Compares a SHA-256 of every leaf's dtype, shape and bytes (32 bytes per process are exchanged), so
+    the cost is one pass over the data, not a gather of it.
+
+    Raises:
+      RuntimeError: on every process, when some process's ``tree`` differs from process 0's; names
+        ``what`` and the differing processes.
+    """
+    if jax.process_count() == 1:
+        return
+    h = hashlib.sha256()
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        x = np.ascontiguousarray(x)
+        h.update(f"{jax.tree_util.keystr(path)}|{x.dtype}|{x.shape}|".encode())
+        h.update(x.tobytes())
+    digests = np.asarray(multihost_utils.process_allgather(np.frombuffer(h.digest(), np.uint8)))
+    differ = [p for p in range(1, len(digests)) if not np.array_equal(digests[p], digests[0])]
+    if differ:
+        raise RuntimeError(
+            f"{what} differs between process 0 and process(es) {differ}: every host must compute the same "
+            "values here (same data, seeds and deterministic engines)"
+        )
 
 
 def sync(name: str) -> None:

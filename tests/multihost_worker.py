@@ -6,6 +6,11 @@ devices: feeds host-local rows and reduces them globally, runs the tiny decoder'
 train step with the parameters sharded over the global mesh, and writes its results to
 ``OUT_DIR/rank{process}.npz`` for the parent to compare with a single-process run. ``--quick`` stops after
 the data checks. `case()` builds the shared inputs and is also used by the parent for its reference.
+
+``python tests/multihost_worker.py SPEC.json --train`` instead runs real training jobs: for each entry of
+``SPEC["runs"]`` (``{"dotted.config.key": value}`` overrides of ``configs.base``) it calls
+``launch.train.train(config)`` in this process (after ``distributed.initialize()``; without ``ATLAS_*``
+variables that is a plain single-process run, the parent's reference).
 """
 
 from __future__ import annotations
@@ -76,6 +81,39 @@ def make_step(cfg, params_np, mesh):
     return state, step, forward_fn(graphdef, rest)
 
 
+def train_config(overrides: dict):
+    """``configs.base.get_config()`` with ``{"a.b": value}`` overrides (JSON lists become tuples)."""
+    from configs.base import get_config
+
+    c = get_config()
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = c
+        for name in parents:
+            node = node[name]
+        node[leaf] = tuple(value) if isinstance(value, list) else value
+    return c
+
+
+def run_training(spec_path: str) -> None:
+    """Runs every config of the spec file through ``launch.train.train``, in order, in this process."""
+    import json
+
+    from atlas_jax import distributed
+
+    distributed.initialize()
+    from launch.train import train
+
+    for k, overrides in enumerate(json.loads(Path(spec_path).read_text())["runs"]):
+        train(train_config(overrides))
+        if distributed.is_main_process():  # the run's metrics as they were after run k (resume checks)
+            out = Path(overrides["output_dir"])
+            (out.parent / f"{out.name}.metrics_after_run{k}.jsonl").write_bytes(
+                (out / "metrics.jsonl").read_bytes()
+            )
+    distributed.sync("training-done")
+
+
 def main(out_dir: str, quick: bool) -> None:
     import jax
 
@@ -131,4 +169,7 @@ def main(out_dir: str, quick: bool) -> None:
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     os.chdir(ROOT)
-    main(sys.argv[1], quick="--quick" in sys.argv[2:])
+    if "--train" in sys.argv[2:]:
+        run_training(sys.argv[1])
+    else:
+        main(sys.argv[1], quick="--quick" in sys.argv[2:])

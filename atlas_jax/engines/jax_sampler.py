@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from atlas_jax import distributed
 from atlas_jax.engines.base import Completion, Engine, Prompt, SamplingParams
 from atlas_jax.engines.sampling import Strategy
 from atlas_jax.models.kv_cache import KVCache
@@ -301,16 +302,18 @@ class JaxSampler(Engine):
                 st = self._decode(
                     weights, st, jnp.int32(limit), max_tokens, jnp.asarray(stop_ids), strategy=strategy
                 )
-                step, done = int(st.step), np.asarray(st.done)
+                # gather_to_host: rows may sit on other hosts' devices (a multi-process mesh).
+                step, done = int(st.step), distributed.gather_to_host(st.done)
                 if done.all() or step >= params.max_tokens:
                     break
                 if params.stop_strings:
-                    hit = self._stop_string_rows(np.asarray(st.tokens), np.asarray(st.lengths), done, params)
+                    toks, lens = distributed.gather_to_host((st.tokens, st.lengths))
+                    hit = self._stop_string_rows(toks, lens, done, params)
                     if hit.any():
                         st = st._replace(done=self._put(done | hit))
                         if (done | hit).all():
                             break
-        tokens, logprobs, lengths = jax.device_get((st.tokens, st.logprobs, st.lengths))
+        tokens, logprobs, lengths = distributed.gather_to_host((st.tokens, st.logprobs, st.lengths))
         out = []
         for i, p in enumerate(prompt_ids):
             row = []

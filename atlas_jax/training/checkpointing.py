@@ -71,7 +71,8 @@ class TrainCheckpointer:
             "params": state.params,
             "opt": {_leaf_key(i): x for i, x in enumerate(leaves)},
             "step": state.step,
-            "rng": jax.random.key_data(rng),
+            # Host numpy: orbax refuses single-device (host-local) jax.Arrays in a multi-process run.
+            "rng": np.asarray(jax.random.key_data(rng)),
             **dict(extra or {}),
         }
         info = {"step": step, "data": dict(data_position), **dict(meta or {})}

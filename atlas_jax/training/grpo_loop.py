@@ -18,7 +18,9 @@ from typing import Any
 
 import jax
 
+from atlas_jax import distributed
 from atlas_jax.engines.base import Engine
+from atlas_jax.engines.jax_sampler import JaxSampler
 from atlas_jax.metrics import rollout_metrics
 from atlas_jax.protocol.batch import RolloutBatch
 from atlas_jax.protocol.rollout import TwoPassRollout
@@ -115,7 +117,7 @@ def train_grpo(
     for step in range(policy.start_step, total):
         t0 = time.perf_counter()
         with timer("weight_push"):
-            teacher.update_weights(policy.params)  # on-policy: every rollout samples the newest weights
+            push_weights(teacher, policy)  # on-policy: every rollout samples the newest weights
         problems = [train[i] for i in order.take(int(g.problems_per_step))]
         timed_student.pop(), timed_teacher.pop()
         t_roll = time.perf_counter()
@@ -128,6 +130,8 @@ def train_grpo(
                 [e.teacher_prompt_ids for e in episodes], [e.teacher_completion_ids for e in episodes],
                 [e.teacher_logprobs for e in episodes], batch.rewards(),
             )  # fmt: skip
+            # Multi-process: the learner device_puts this batch as the global one, so it must be identical.
+            distributed.assert_same_on_all_hosts(arrays, f"the GRPO batch of step {step + 1}")
             metrics = jax.device_get(learner.update(arrays, step))
         with timer("checkpoint"):
             policy.save(step + 1, data_position=order.position, extra=policy.extra)
@@ -163,13 +167,27 @@ def train_grpo(
     return policy
 
 
+def push_weights(teacher: Engine, policy: Policy) -> None:
+    """Points ``teacher`` at the current params.
+
+    The JAX sampler reads the (possibly multi-host sharded) params in place and samples on the training
+    mesh. Other engines (vLLM) read every tensor on the host: in a multi-process run each host first
+    gets a full copy (``distributed.gather_to_host``, a collective, once per push).
+    """
+    inner = teacher.inner if isinstance(teacher, _Timed) else teacher
+    if distributed.process_count() > 1 and not isinstance(inner, JaxSampler):
+        teacher.update_weights(distributed.gather_to_host(policy.params))
+    else:
+        teacher.update_weights(policy.params)
+
+
 def _evaluate(
     config, rollout: TwoPassRollout, teacher: Engine, policy: Policy, problems, writer, step
 ) -> dict:
     """Runs the protocol on up to ``eval.num_problems`` held-out problems; logs ``eval/*`` and samples."""
     if not problems:
         return {}
-    teacher.update_weights(policy.params)
+    push_weights(teacher, policy)
     chosen = list(problems)[: int(config.eval.num_problems)]
     batch = rollout.run(chosen, 10_000_000 + step)  # a step offset disjoint from training seeds
     writer.write_samples(step, episode_samples(batch, int(config.logging.num_samples)))

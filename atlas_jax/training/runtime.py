@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from atlas_jax import distributed
 from atlas_jax.models.config import ModelConfig
 from atlas_jax.models.params import build_model
 from atlas_jax.models.sharding import make_mesh
@@ -205,11 +206,16 @@ def make_policy(
 
 
 def _write_model_files(ckpt_dir: Path, cfg: ModelConfig, source: str) -> None:
-    """model_config.json + tokenizer assets beside the steps, so converters.jax_to_hf can export any step."""
+    """model_config.json + tokenizer assets beside the steps, so converters.jax_to_hf can export any step.
+
+    Written by the main process only (the folder is shared by every host); the others wait for it.
+    """
     from converters.hf_to_jax import ASSETS_DIR, copy_assets, write_model_config
 
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    write_model_config(ckpt_dir, cfg)
-    if source:
-        src = Path(source)
-        copy_assets(src / ASSETS_DIR if (src / ASSETS_DIR).is_dir() else src, ckpt_dir / ASSETS_DIR)
+    if distributed.is_main_process():
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        write_model_config(ckpt_dir, cfg)
+        if source:
+            src = Path(source)
+            copy_assets(src / ASSETS_DIR if (src / ASSETS_DIR).is_dir() else src, ckpt_dir / ASSETS_DIR)
+    distributed.sync("atlas_jax.model_files")

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from atlas_jax import distributed
 from atlas_jax.training import batching, train_step
 from atlas_jax.training.logprobs import sequence_logprobs
 from atlas_jax.training.losses import sft_loss
@@ -137,7 +138,7 @@ def evaluate(
         if not chunk:
             break
         arrays = _arrays(chunk, sc, int(sc.batch_size), pad_id)
-        out = jax.device_get(eval_fn(policy.params, arrays))
+        out = jax.device_get(eval_fn(policy.params, distributed.shard_global_batch(arrays, policy.mesh)))
         s, d = s + float(out["loss_sum"]), d + float(out["denominator"])
     return {"eval/loss": s / max(d, 1.0), "eval/tokens": d}
 
@@ -201,7 +202,8 @@ def train_sft(
                 [train[i] for i in take_step_examples(order, lengths, sc)], sc, int(sc.batch_size), pad_id
             )
         with timer("update"):
-            policy.state, metrics = step_fn(policy.state, arrays)
+            # Every host built the same global batch; each feeds the rows on its devices.
+            policy.state, metrics = step_fn(policy.state, distributed.shard_global_batch(arrays, policy.mesh))
         # Metrics of step s are fetched after step s+1 is dispatched: the host never waits on the device.
         if pending is not None:
             _log(writer, *pending)
@@ -237,14 +239,18 @@ def _log(writer: MetricsWriter, step: int, metrics: Any, info: dict) -> None:
 
 
 def _maybe_export(config: Any, policy: Policy) -> None:
+    """HF export of the final params: gathered on every process (a collective), written by the main one."""
     if config.checkpoint.export_hf_dir:
         from converters.jax_to_hf import export_hf_dir
 
         tok = config.model.tokenizer or config.model.teacher or None
-        export_hf_dir(
-            jax.device_get(policy.params), policy.model_cfg, config.checkpoint.export_hf_dir, tokenizer_src=tok or None,
-            overwrite=True,
-        )  # fmt: skip
+        params = distributed.gather_to_host(policy.params)
+        if distributed.is_main_process():
+            export_hf_dir(
+                params, policy.model_cfg, config.checkpoint.export_hf_dir, tokenizer_src=tok or None,
+                overwrite=True,
+            )  # fmt: skip
+        distributed.sync("atlas_jax.export_hf")
 
 
 def run_sft(config: Any) -> Policy:

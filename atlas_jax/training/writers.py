@@ -8,6 +8,9 @@ Layout under the run folder::
 
 On resume from step s the JSONL keeps only records with ``step <= s`` (those after it are re-done),
 so a killed-and-resumed run has the same metric history as an uninterrupted one.
+
+In a multi-process run only the main process (``atlas_jax.distributed.is_main_process``) writes; the
+others get a writer that builds the same records but touches no file.
 """
 
 from __future__ import annotations
@@ -41,18 +44,27 @@ class MetricsWriter:
       output_dir: the run folder.
       tensorboard: also write TensorBoard event files.
       resume_step: when resuming, drop JSONL records after this step.
+      enabled: write files; default: only on the main process of a multi-process run.
     """
 
     def __init__(
-        self, output_dir: str | os.PathLike[str], *, tensorboard: bool = True, resume_step: int | None = None
+        self,
+        output_dir: str | os.PathLike[str],
+        *,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+        enabled: bool | None = None,
     ):
         self.dir = Path(output_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
+        self.enabled = _is_main_process() if enabled is None else bool(enabled)
+        self._file = self._tb = None
+        if not self.enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             self._truncate(resume_step or 0)
         self._file = self.path.open("a")
-        self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -75,6 +87,8 @@ class MetricsWriter:
             x = _scalar(v)
             if x is not None:
                 record[k] = x if not (isinstance(x, float) and not math.isfinite(x)) else str(x)
+        if self._file is None:
+            return record
         self._file.write(json.dumps(record, sort_keys=True) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -84,19 +98,27 @@ class MetricsWriter:
         return record
 
     def write_samples(self, step: int, samples: Sequence[Mapping[str, Any]], name: str = "step") -> Path:
-        """Writes episode samples as ``samples/<name>_<step>.jsonl`` (atomically)."""
-        out = self.dir / "samples"
-        out.mkdir(exist_ok=True)
-        path = out / f"{name}_{step}.jsonl"
+        """Writes episode samples as ``samples/<name>_<step>.jsonl`` (atomically); returns that path."""
+        path = self.dir / "samples" / f"{name}_{step}.jsonl"
+        if not self.enabled:
+            return path
+        path.parent.mkdir(exist_ok=True)
         tmp = path.with_name("." + path.name + ".tmp")
         tmp.write_text("".join(json.dumps(dict(s), default=str) + "\n" for s in samples))
         os.replace(tmp, path)
         return path
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _is_main_process() -> bool:
+    from atlas_jax import distributed
+
+    return distributed.is_main_process()
 
 
 def read_metrics(output_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
