@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from protocol_helpers import SAMPLES, make_model, make_tokenizer
 
 from atlas_jax.models.kv_cache import KVCache
@@ -46,10 +47,17 @@ def _model(preset):
     return build_model(get_preset(preset).replace(dtype="float32"), seed=7)
 
 
+@nnx.jit(static_argnames="packed")
+def _logprobs(model, a, packed):
+    seg = a["segment_ids"] if packed else None
+    return sequence_logprobs(
+        model, a["tokens"], a["attention_mask"], a["positions"], chunk=8, segment_ids=seg
+    )
+
+
 def _alone(model, x):
-    a = batching.sft_arrays([x], [[1] * len(x)], max_length=len(x), length_bucket=8)
-    lp = sequence_logprobs(model, a["tokens"], a["attention_mask"], a["positions"], chunk=8)
-    return np.asarray(lp[0, : len(x)])
+    a = batching.sft_arrays([x], [[1] * len(x)], max_length=len(x), length_bucket=16)
+    return np.asarray(_logprobs(model, a, False)[0, : len(x)])
 
 
 @pytest.mark.parametrize("preset", ["tiny_qwen3", "tiny_qwen2", "tiny_llama"])
@@ -58,9 +66,8 @@ def test_packed_row_logprobs_equal_each_example_run_alone(preset):
     ids, masks = _examples(0, 7)
     p = batching.pack_rows(ids, masks, max_length=32)
     assert p["segment_ids"].max() >= 3  # several examples share a row
-    args = (model, p["tokens"], p["attention_mask"], p["positions"])
-    packed = np.asarray(sequence_logprobs(*args, chunk=8, segment_ids=p["segment_ids"]))
-    leaky = np.asarray(sequence_logprobs(*args, chunk=8))  # no segment mask: later examples see earlier ones
+    packed = np.asarray(_logprobs(model, p, True))
+    leaky = np.asarray(_logprobs(model, p, False))  # no segment mask: later examples see earlier ones
     worst, leak = 0.0, 0.0
     for r in range(len(p["tokens"])):
         for seg in range(1, int(p["segment_ids"][r].max()) + 1):
@@ -95,7 +102,8 @@ def test_segment_ids_with_a_cache_is_refused():
 
 def _loss_grads(model, batch, num_micro):
     graphdef, params, rest = train_step.split_model(model)
-    g, s, d, _ = train_step.accumulate(graphdef, rest, sft_loss_fn(chunk=8), params, batch, num_micro)
+    fn = jax.jit(lambda p, b: train_step.accumulate(graphdef, rest, sft_loss_fn(chunk=8), p, b, num_micro))
+    g, s, d, _ = fn(params, batch)
     return float(s / d), float(d), jax.tree.map(lambda x: np.asarray(x / d), g)
 
 
@@ -130,9 +138,7 @@ def test_pack_rows_layout_first_fit_and_truncation():
     np.testing.assert_array_equal(p["attention_mask"][1], [1] * 8 + [0, 0])
     np.testing.assert_array_equal(p["loss_mask"][1], [0, 0, 1, 1, 1, 0, 1, 1, 0, 0])
     np.testing.assert_array_equal(p["loss_mask"][0], [0] + [1] * 5 + [0] + [1] * 3)
-    np.testing.assert_array_equal(
-        p["loss_mask"][2], [0, *range(3, 12)]
-    )  # last 10 entries, first zeroed
+    np.testing.assert_array_equal(p["loss_mask"][2], [0, *range(3, 12)])  # last 10 entries, first zeroed
     np.testing.assert_array_equal(p["positions"][2], np.arange(10))
 
 
@@ -186,7 +192,7 @@ def test_validation_accepts_packing():
     c.sft.packing, c.sft.batch_size, c.sft.micro_batch_size, c.sft.max_length = True, 8, 8, 512
     validate_config(c, num_devices=8)
     c.sft.max_length = 2048  # packed rows are exactly max_length tokens: they must fit the teacher's context
-    with pytest.raises(ConfigError, match="sft.max_length=2048 exceeds the teacher's context"):
+    with pytest.raises(ConfigError, match=r"sft\.max_length=2048 exceeds the teacher's context"):
         validate_config(c, num_devices=8)
     assert packing_supported(type(_model("tiny_qwen3")))
 
