@@ -15,7 +15,13 @@ import transformers
 from flax import nnx
 
 from atlas_jax.engines.base import SamplingParams
-from atlas_jax.engines.jax_sampler import JaxSampler, bucket, cut_at_stop_string, tokens_before
+from atlas_jax.engines.jax_sampler import (
+    JaxSampler,
+    bucket,
+    compiled_programs,
+    cut_at_stop_string,
+    tokens_before,
+)
 from atlas_jax.models.config import ModelConfig
 from atlas_jax.models.params import build_model
 from atlas_jax.models.sharding import make_mesh
@@ -43,23 +49,29 @@ def _tokenizer() -> transformers.PreTrainedTokenizerFast:
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """(hf_model, tokenizer, cfg, flat params)."""
+def _random_hf(seed: int) -> transformers.PreTrainedModel:
+    """The tiny Qwen3 with large random weights (peaked distributions: no near-ties in greedy decoding)."""
     config = transformers.Qwen3Config(
         vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, head_dim=32, max_position_embeddings=256, tie_word_embeddings=True,
         bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )  # fmt: skip
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     hf = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # large random weights: peaked distributions, no near-ties in greedy decoding
+    with torch.no_grad():
         for name, p in hf.named_parameters():
             p.copy_(
                 1.0 + 0.2 * torch.randn_like(p)
                 if name.endswith("norm.weight")
                 else 0.15 * torch.randn_like(p)
             )
+    return hf
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(hf_model, tokenizer, cfg, flat params)."""
+    hf = _random_hf(0)
     d = tmp_path_factory.mktemp("hf")
     hf.save_pretrained(str(d))
     cfg = ModelConfig.from_hf(d)
@@ -205,6 +217,39 @@ def test_no_recompilation_within_a_bucket(engine):
     engine.generate(PROMPTS * 3, p)  # 9 prompts: next batch bucket -> one new prefill and decode
     assert engine.trace_counts["prefill"] == before["prefill"] + 1
     assert engine.trace_counts["decode"] == before["decode"] + 1
+
+
+def test_engines_of_one_architecture_share_compiled_programs(setup, engine):
+    hf, tok, cfg, _ = setup
+    hf_b = _random_hf(1)
+    other = JaxSampler(
+        build_model(cfg, hf_to_flat({k: v.numpy() for k, v in hf_b.state_dict().items()}, cfg)), tok
+    )
+    greedy = SamplingParams(temperature=0.0, max_tokens=20)
+    got_a = engine.generate(PROMPTS, greedy)  # compiles this bucket (unless an earlier test did)
+    compiles: list[str] = []
+
+    def on_event(name: str, secs: float, **_) -> None:
+        if name == "/jax/core/compile/backend_compile_duration":
+            compiles.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        got_b = other.generate(PROMPTS, greedy)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)
+    assert compiles == []  # the second engine ran the first one's executables
+    # ... and each engine still samples its own weights.
+    assert [c[0].token_ids for c in got_a] == _hf_greedy(hf, tok, PROMPTS, 20)
+    assert [c[0].token_ids for c in got_b] == _hf_greedy(hf_b, tok, PROMPTS, 20)
+    assert [c[0].token_ids for c in got_a] != [c[0].token_ids for c in got_b]
+    assert [c[0].token_ids for c in engine.generate(PROMPTS, greedy)] == [c[0].token_ids for c in got_a]
+    # Another architecture or mesh gets programs of its own (looked up without compiling anything).
+    shallower = nnx.split(build_model(cfg.replace(num_layers=1)))[0]
+    assert compiled_programs(shallower, None) is not compiled_programs(nnx.split(build_model(cfg))[0], None)
+    assert (
+        compiled_programs(nnx.split(build_model(cfg))[0], make_mesh((2, 2, 2))).prefill is not engine._prefill
+    )
 
 
 @pytest.mark.slow  # > 30 s on the shared 2-core machine (several compilations)

@@ -10,7 +10,9 @@ Arrays are passed to the jitted functions by reference, never donated, so the tr
 Compilation. Shapes are bucketed so repeated calls reuse two compiled programs per bucket:
 prompts per call and prompt length round up to powers of two (min 1 and 16), ``max_tokens`` to a power of
 two (min 16; the exact limit is a traced scalar). Bucket-padding rows hold one dummy token and start
-finished. Prompts are left-padded; positions count from 0 at each row's first real token.
+finished. Prompts are left-padded; positions count from 0 at each row's first real token. The programs
+belong to the architecture, not the engine: samplers with an equal graphdef and mesh (teacher and student
+of one shape, successive checkpoints) share them (`compiled_programs`), so only the first one compiles.
 
 Decode. ``prefill`` runs the prompts once (``n`` samples share one prefill: the cache is repeated along the
 batch), samples token 0, and returns a `DecodeState`. ``decode`` runs a ``lax.while_loop`` of one-token
@@ -94,6 +96,94 @@ def _advance(st: DecodeState, tok, lp, max_tokens, stop_ids) -> DecodeState:
     return st._replace(tokens=tokens, logprobs=logprobs, lengths=lengths, done=done, step=st.step + 1)
 
 
+def _shard(mesh: Mesh | None, x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    if mesh is None:
+        return x
+    sizes = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(axes, x.shape, sizes)))
+
+
+def _prefill_impl(
+    graphdef, mesh, counts, params, ids, mask, live, seed, max_tokens, stop_ids, *, n, cache_len, max_new, strategy
+):  # fmt: skip
+    counts["prefill"] += 1
+    model = nnx.merge(graphdef, params)
+    shard = functools.partial(_shard, mesh)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+    cache = KVCache.init(model.cfg, ids.shape[0], cache_len)
+    hidden, cache = model.hidden_states(ids, positions, mask, cache)
+    rep = functools.partial(jnp.repeat, repeats=n, total_repeat_length=ids.shape[0] * n)
+    cache = KVCache(
+        k=rep(cache.k, axis=1), v=rep(cache.v, axis=1), mask=rep(cache.mask, axis=0), index=cache.index
+    )
+    cache = jax.tree.map(shard, cache, cache.sharding_axes())
+    b = ids.shape[0] * n
+    row = functools.partial(shard, axes=("batch",))
+    keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(jnp.arange(b, dtype=jnp.uint32))
+    logits = model.unembed(shard(rep(hidden[:, -1:], axis=0), ("batch", None, None)))[:, 0]
+    tok, lp = strategy.sample(logits, _uniforms(keys, jnp.int32(0)))
+    st = DecodeState(
+        cache=cache,
+        tokens=shard(jnp.zeros((b, max_new), jnp.int32), ("batch", None)),
+        logprobs=shard(jnp.zeros((b, max_new), jnp.float32), ("batch", None)),
+        step=jnp.zeros((), jnp.int32),
+        positions=row(rep(positions[:, -1] + 1, axis=0)),
+        done=row(~rep(live, axis=0)),
+        lengths=row(jnp.zeros((b,), jnp.int32)),
+        keys=keys,
+    )
+    return _advance(st, tok, lp, max_tokens, stop_ids)
+
+
+def _decode_impl(graphdef, counts, params, st: DecodeState, limit, max_tokens, stop_ids, *, strategy):
+    counts["decode"] += 1  # rows keep the sharding prefill gave them
+    model = nnx.merge(graphdef, params)
+    b = st.tokens.shape[0]
+    ones = jnp.ones((b, 1), jnp.int32)
+
+    def body(st: DecodeState) -> DecodeState:
+        last = jax.lax.dynamic_slice_in_dim(st.tokens, st.step - 1, 1, axis=1)
+        hidden, cache = model.hidden_states(last, st.positions[:, None], ones, st.cache)
+        tok, lp = strategy.sample(model.unembed(hidden)[:, 0], _uniforms(st.keys, st.step))
+        st = st._replace(cache=cache, positions=st.positions + 1)
+        return _advance(st, tok, lp, max_tokens, stop_ids)
+
+    return jax.lax.while_loop(lambda s: (s.step < limit) & ~jnp.all(s.done), body, st)
+
+
+class Programs(NamedTuple):
+    """Jitted ``prefill`` and ``decode`` (``st`` donated) of one architecture; ``trace_counts`` per program."""
+
+    prefill: Any
+    decode: Any
+    trace_counts: collections.Counter[str]
+
+
+def _build_programs(graphdef: Any, mesh: Mesh | None) -> Programs:
+    counts: collections.Counter[str] = collections.Counter()
+    static = ("n", "cache_len", "max_new", "strategy")
+    prefill = jax.jit(functools.partial(_prefill_impl, graphdef, mesh, counts), static_argnames=static)
+    decode = functools.partial(_decode_impl, graphdef, counts)
+    decode = jax.jit(decode, static_argnames="strategy", donate_argnames="st")
+    return Programs(prefill, decode, counts)
+
+
+_cached_programs = functools.lru_cache(maxsize=16)(_build_programs)
+
+
+def compiled_programs(graphdef: Any, mesh: Mesh | None) -> Programs:
+    """The `Programs` for ``(graphdef, mesh)``, shared by all samplers with an equal graphdef and mesh.
+
+    A graphdef holds the architecture (config, module structure), never parameter values, so engines of
+    one architecture with different weights (teacher and student, SFT and RL checkpoints) compile each
+    (bucket, strategy) program once per process. An unhashable graphdef gets programs of its own.
+    """
+    try:
+        return _cached_programs(graphdef, mesh)
+    except TypeError:  # unhashable graphdef (a module with an unhashable static attribute)
+        return _build_programs(graphdef, mesh)
+
+
 class JaxSampler(Engine):
     """Samples from an NNX `Decoder` with jit-compiled, bucketed prefill/decode (see the module docstring).
 
@@ -129,19 +219,13 @@ class JaxSampler(Engine):
         if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(int(tokenizer.eos_token_id))
         self._eos = () if ignore_eos else tuple(sorted(eos))
-        self._batch_axes: tuple[str, ...] = ()
-        if mesh is not None:
-            sizes = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
-            self._batch_axes = tuple(a for a in ("data", "fsdp") if sizes.get(a, 1) > 1)
-            self._batch_multiple = (
-                int(np.prod([sizes[a] for a in self._batch_axes])) if self._batch_axes else 1
-            )
-        else:
-            self._batch_multiple = 1
+        sizes = {} if mesh is None else dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
+        self._batch_axes = tuple(a for a in ("data", "fsdp") if sizes.get(a, 1) > 1)
+        self._batch_multiple = int(np.prod([sizes[a] for a in self._batch_axes]))
         self._seed_rng = np.random.default_rng()
-        self.trace_counts: collections.Counter[str] = collections.Counter()
-        self._prefill = jax.jit(self._prefill_impl, static_argnames=("n", "cache_len", "max_new", "strategy"))
-        self._decode = jax.jit(self._decode_impl, static_argnames=("strategy",), donate_argnames=("st",))
+        programs = compiled_programs(self._graphdef, mesh)
+        self._prefill, self._decode = programs.prefill, programs.decode
+        self.trace_counts = programs.trace_counts  # shared by the engines of one architecture and mesh
 
     # ------------------------------------------------------------------------------------------ weights
     @property
@@ -177,61 +261,6 @@ class JaxSampler(Engine):
             params = jax.eval_shape(lambda: self.params)
             nnx.replace_by_pure_dict(params, unflatten(flat))
         self._state, self._live = params, None
-
-    # ------------------------------------------------------------------------------------------ jitted
-    def _shard(self, x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
-        if self.mesh is None:
-            return x
-        sizes = dict(zip(self.mesh.axis_names, self.mesh.devices.shape, strict=True))
-        spec = spec_for(axes, x.shape, sizes)
-        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
-
-    def _prefill_impl(
-        self, params, ids, mask, live, seed, max_tokens, stop_ids, *, n, cache_len, max_new, strategy
-    ):
-        self.trace_counts["prefill"] += 1
-        model = nnx.merge(self._graphdef, params)
-        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-        cache = KVCache.init(self.cfg, ids.shape[0], cache_len)
-        hidden, cache = model.hidden_states(ids, positions, mask, cache)
-        rep = functools.partial(jnp.repeat, repeats=n, total_repeat_length=ids.shape[0] * n)
-        cache = KVCache(
-            k=rep(cache.k, axis=1), v=rep(cache.v, axis=1), mask=rep(cache.mask, axis=0), index=cache.index
-        )
-        cache = jax.tree.map(self._shard, cache, cache.sharding_axes())
-        b = ids.shape[0] * n
-        row = functools.partial(self._shard, axes=("batch",))
-        keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(
-            jnp.arange(b, dtype=jnp.uint32)
-        )
-        logits = model.unembed(self._shard(rep(hidden[:, -1:], axis=0), ("batch", None, None)))[:, 0]
-        tok, lp = strategy.sample(logits, _uniforms(keys, jnp.int32(0)))
-        st = DecodeState(
-            cache=cache,
-            tokens=self._shard(jnp.zeros((b, max_new), jnp.int32), ("batch", None)),
-            logprobs=self._shard(jnp.zeros((b, max_new), jnp.float32), ("batch", None)),
-            step=jnp.zeros((), jnp.int32),
-            positions=row(rep(positions[:, -1] + 1, axis=0)),
-            done=row(~rep(live, axis=0)),
-            lengths=row(jnp.zeros((b,), jnp.int32)),
-            keys=keys,
-        )
-        return _advance(st, tok, lp, max_tokens, stop_ids)
-
-    def _decode_impl(self, params, st: DecodeState, limit, max_tokens, stop_ids, *, strategy):
-        self.trace_counts["decode"] += 1
-        model = nnx.merge(self._graphdef, params)
-        b = st.tokens.shape[0]
-        ones = jnp.ones((b, 1), jnp.int32)
-
-        def body(st: DecodeState) -> DecodeState:
-            last = jax.lax.dynamic_slice_in_dim(st.tokens, st.step - 1, 1, axis=1)
-            hidden, cache = model.hidden_states(last, st.positions[:, None], ones, st.cache)
-            tok, lp = strategy.sample(model.unembed(hidden)[:, 0], _uniforms(st.keys, st.step))
-            st = st._replace(cache=cache, positions=st.positions + 1)
-            return _advance(st, tok, lp, max_tokens, stop_ids)
-
-        return jax.lax.while_loop(lambda s: (s.step < limit) & ~jnp.all(s.done), body, st)
 
     # ------------------------------------------------------------------------------------------ generate
     def _encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
