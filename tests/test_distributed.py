@@ -52,7 +52,9 @@ def _spawn_workers(out_dir: Path, n: int = 2, quick: bool = False) -> list[subpr
     return _spawn([str(out_dir)] + (["--quick"] if quick else []), n, out_dir / "logs")
 
 
-def _spawn(worker_args: list[str], n: int, log_dir: Path, devices: int = 2) -> list[subprocess.Popen]:
+def _spawn(
+    worker_args: list[str], n: int, log_dir: Path, devices: int = 2, cache_dir: str = ""
+) -> list[subprocess.Popen]:
     """``n`` worker processes joined into one run (``n == 1``: a plain single process, no jax.distributed).
 
     Output goes to ``log_dir/process_<i>.log`` (a pipe could fill and stall a process mid-collective).
@@ -62,6 +64,9 @@ def _spawn(worker_args: list[str], n: int, log_dir: Path, devices: int = 2) -> l
     procs = []
     for i in range(n):
         env = _child_env(devices)
+        if cache_dir:
+            env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+            env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
         if n > 1:
             env.update(
                 {
@@ -172,16 +177,35 @@ def test_two_processes_match_single_process(tmp_path):
 # ------------------------------------------------------------------ real training jobs over 2 processes
 @pytest.fixture(scope="module")
 def hf_folders(tmp_path_factory) -> dict[str, str]:
-    """Tiny random teacher/student HF folders with a locally trained tokenizer."""
-    from protocol_helpers import make_model, make_tokenizer
+    """Tiny random one-layer teacher/student HF folders with a locally trained tokenizer."""
+    import torch
+    from protocol_helpers import make_tokenizer
+    from transformers import AutoModelForCausalLM, Qwen2Config
 
     root = tmp_path_factory.mktemp("models")
     tok = make_tokenizer()
     out = {}
     for name, seed in (("teacher", 0), ("student", 1)):
-        make_model(tok, seed).save_pretrained(root / name, safe_serialization=True)
+        torch.manual_seed(seed)
+        cfg = Qwen2Config(
+            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+        )  # fmt: skip
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(root / name, safe_serialization=True)
         tok.save_pretrained(root / name)
         out[name] = str(root / name)
+    # GRPO problems whose (single-digit) answers the random teacher states in roughly a third of its
+    # samples: with a leak penalty, that gives the groups different rewards (a real policy gradient),
+    # where the random student alone would score 0 everywhere.
+    rows = [
+        {"id": f"p{i}", "prompt": f"What is {a} + {b}?", "ground_truth": str(a + b)}
+        for i, (a, b) in enumerate([(0, 1), (1, 0), (0, 0), (1, 2), (3, 5), (0, 3), (2, 6), (4, 4),
+                                    (1, 7), (0, 8), (3, 0), (2, 1)])
+    ]  # fmt: skip
+    (root / "rl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out["rl"] = str(root / "rl.jsonl")
+    out["jax_cache"] = str(root / "jax_cache")
     return out
 
 
@@ -201,16 +225,20 @@ def _job(out: Path, folders: dict[str, str], **overrides) -> dict:
     return {**base, **overrides}
 
 
-def _start_runs(out: Path, runs: list[dict], n: int, devices: int) -> list[subprocess.Popen]:
+def _start_runs(out: Path, runs: list[dict], n: int, devices: int, cache_dir: str) -> list[subprocess.Popen]:
     out.mkdir(parents=True, exist_ok=True)
     spec = out / "spec.json"
     spec.write_text(json.dumps({"runs": runs}))
-    return _spawn([str(spec), "--train"], n, out / "logs", devices)
+    return _spawn([str(spec), "--train"], n, out / "logs", devices, cache_dir)
 
 
-def _run_pair(tmp_path: Path, runs_two: list[dict], runs_one: list[dict]) -> None:
-    """The same jobs in a 2-process run (2 devices each) and in 1 process with 4 devices, concurrently."""
-    procs = _start_runs(tmp_path / "two", runs_two, 2, 2) + _start_runs(tmp_path / "one", runs_one, 1, 4)
+def _run_pair(tmp_path: Path, runs_two: list[dict], runs_one: list[dict], cache_dir: str) -> None:
+    """The same jobs in a 2-process run (2 devices each) and in 1 process with 4 devices, concurrently.
+
+    A persistent compilation cache lets a resumed job reuse the programs its first job compiled.
+    """
+    procs = _start_runs(tmp_path / "two", runs_two, 2, 2, cache_dir)
+    procs += _start_runs(tmp_path / "one", runs_one, 1, 4, cache_dir)
     _wait_all(procs)
 
 
@@ -252,7 +280,7 @@ def test_sft_job_two_processes_equals_one_and_resumes(tmp_path, hf_folders):
             out, hf_folders, job="sft", **{
                 "data.sft_path": str(SAMPLES / "sft_sample.jsonl"), "data.eval_fraction": 0.2,
                 "sft.num_steps": SFT_STEPS, "sft.batch_size": 8, "sft.micro_batch_size": 4,
-                "sft.max_length": 128, "sft.learning_rate": 1e-3, "sft.eval_every": 2, **kw,
+                "sft.max_length": 96, "sft.learning_rate": 1e-3, "sft.eval_every": 2, **kw,
             },
         )  # fmt: skip
 
@@ -261,6 +289,7 @@ def test_sft_job_two_processes_equals_one_and_resumes(tmp_path, hf_folders):
         tmp_path,
         [sft(tmp_path / "two", **{"checkpoint.stop_after_steps": 2}), sft(tmp_path / "two")],
         [sft(tmp_path / "one")],
+        hf_folders["jax_cache"],
     )
     two, one = read_metrics(tmp_path / "two/run"), read_metrics(tmp_path / "one/run")
     # metrics.jsonl is written by one process only: every step exactly once, also across the resume.
@@ -280,6 +309,50 @@ def test_sft_job_two_processes_equals_one_and_resumes(tmp_path, hf_folders):
     assert "eval/loss" in two[1] and "eval/loss" in two[3]
     worst = _check_same_params(tmp_path / "two/hf", tmp_path / "one/hf", Path(hf_folders["teacher"]), tol)
     print(f"SFT 2 processes vs 1: max |Δparam| = {worst:.2e}")
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_grpo_job_two_processes_equals_one(tmp_path, hf_folders):
+    """launch.train GRPO (JAX teacher sampler on the 2-process mesh, JAX student per host) = 1 process.
+
+    Every host rolls out the same problems with the same seeds; the teacher samples one row-sharded
+    global batch, so both runs sample the same tokens (compared exactly through the rewards, lengths
+    and the saved episodes), and the updates agree within fp32 reduction-order noise.
+    """
+    from atlas_jax.training.writers import read_metrics
+
+    def grpo(out: Path) -> dict:
+        return _job(
+            out, hf_folders, job="grpo", **{
+                "data.rl_path": hf_folders["rl"], "data.eval_fraction": 0.25, "reward.leak_penalty": 1.0,
+                "grpo.num_steps": 2, "grpo.problems_per_step": 4, "grpo.num_generations": 4,
+                "grpo.micro_batch_size": 8, "grpo.learning_rate": 1e-3, "grpo.beta": 0.0,
+                # Probe and baseline share the student's compiled programs (same strategy and shapes).
+                "protocol.max_probe_tokens": 8, "protocol.max_teaching_tokens": 48,
+                "protocol.max_student_tokens": 8, "protocol.probe_temperature": 0.7,
+                "protocol.num_baseline_samples": 1, "protocol.num_student_samples": 1,
+                "eval.every_steps": 0, "eval.num_problems": 4,
+            },
+        )  # fmt: skip
+
+    _run_pair(tmp_path, [grpo(tmp_path / "two")], [grpo(tmp_path / "one")], hf_folders["jax_cache"])
+    two, one = read_metrics(tmp_path / "two/run"), read_metrics(tmp_path / "one/run")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2]
+    # The set-up gives a real policy gradient: leaks in some samples only, so rewards differ in a group.
+    assert all(r["reward_std"] > 0 and 0 < r["leak_rate"] < 1 for r in one), [r["leak_rate"] for r in one]
+    tol = 1e-5
+    for r2, r1 in zip(two, one, strict=True):
+        # Sampling is identical: rewards, leaks and lengths are equal, not just close.
+        for k in ("reward_mean", "reward_std", "leak_rate", "teaching_tokens_mean", "completion_tokens"):
+            assert r2[k] == r1[k], (r1["step"], k, r2[k], r1[k])
+        for k in ("loss", "grad_norm", "entropy", "logprob_mismatch_abs"):
+            np.testing.assert_allclose(r2[k], r1[k], rtol=tol, atol=tol, err_msg=f"step {r1['step']} {k}")
+    assert "eval/reward_mean" in two[-1] and two[-1]["eval/reward_mean"] == one[-1]["eval/reward_mean"]
+    samples = [(p / "run/samples/step_2.jsonl").read_text() for p in (tmp_path / "two", tmp_path / "one")]
+    assert samples[0] and samples[0] == samples[1]
+    worst = _check_same_params(tmp_path / "two/hf", tmp_path / "one/hf", Path(hf_folders["teacher"]), tol)
+    print(f"GRPO 2 processes vs 1: max |Δparam| = {worst:.2e}")
 
 
 @pytest.mark.multiprocess
