@@ -104,7 +104,8 @@ def _shard(mesh: Mesh | None, x: jax.Array, axes: tuple[str | None, ...]) -> jax
 
 
 def _prefill_impl(
-    graphdef, mesh, counts, params, ids, mask, live, seed, max_tokens, stop_ids, *, n, cache_len, max_new, strategy
+    graphdef, mesh, counts, params, ids, mask, live, seed, max_tokens, stop_ids,
+    *, n, cache_len, max_new, strategy,
 ):  # fmt: skip
     counts["prefill"] += 1
     model = nnx.merge(graphdef, params)
@@ -152,7 +153,7 @@ def _decode_impl(graphdef, counts, params, st: DecodeState, limit, max_tokens, s
 
 
 class Programs(NamedTuple):
-    """Jitted ``prefill`` and ``decode`` (``st`` donated) of one architecture; ``trace_counts`` per program."""
+    """Jitted ``prefill`` and ``decode`` (``st`` donated) of one architecture; traces per program."""
 
     prefill: Any
     decode: Any

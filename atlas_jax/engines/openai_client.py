@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import httpx
 
+from atlas_jax.engines import http_retry
 from atlas_jax.engines.base import Completion, Engine, Prompt, SamplingParams
 
 _RETRY_STATUS = (429, 500, 502, 503, 504)
@@ -95,24 +95,11 @@ class OpenAIEngine(Engine):
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         url = self.base_url + path
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                r = self._client.post(url, json=body)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as e:
-                last = f"{type(e).__name__}: {e}"
-                continue
-            except httpx.TransportError as e:
-                raise APIError(f"POST {url} failed: {type(e).__name__}: {e}") from e
-            if r.status_code in _RETRY_STATUS:
-                last = f"HTTP {r.status_code}: {r.text[:200]}"
-                continue
-            if r.status_code >= 400:
-                raise APIError(f"POST {url} failed: HTTP {r.status_code}: {r.text[:500]}")
-            return r.json()
-        raise APIError(f"POST {url} failed after {self.retries + 1} attempts, last error: {last}")
+        return http_retry.request_json(
+            self._client, "POST", url, json=body, retries=self.retries, backoff=self.backoff,
+            retry_status=_RETRY_STATUS, error=APIError,
+            exhausted=lambda tries, _, last: f"POST {url} failed after {tries} attempts, last error: {last}",
+        )  # fmt: skip
 
     def _body(self, prompt: Prompt, params: SamplingParams, n: int, seed: int | None) -> tuple[str, dict]:
         body: dict[str, Any] = {

@@ -13,13 +13,12 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import os
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import httpx
 
-from atlas_jax.engines import weight_sync
+from atlas_jax.engines import http_retry, weight_sync
 from atlas_jax.engines.base import Completion, Engine, Prompt, SamplingParams
 
 TOKEN_ENV = "ATLAS_SERVER_TOKEN"
@@ -77,28 +76,15 @@ class ServerEngine(Engine):
 
     # ------------------------------------------------------------------------------------------- http
     def _request(self, url: str, method: str, path: str, **kw: Any) -> Any:
-        start = time.monotonic()
-        last: str = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                r = self._client.request(method, url + path, **kw)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as e:
-                last = f"{type(e).__name__}: {e}"  # Server down or restarting: worth another try.
-                continue
-            except httpx.TransportError as e:  # e.g. read timeout: the server may still be working.
-                raise ServerError(f"{method} {url}{path} failed: {type(e).__name__}: {e}") from e
-            if r.status_code in _RETRY_STATUS:
-                last = f"HTTP {r.status_code}: {r.text[:200]}"
-                continue
-            if r.status_code >= 400:
-                raise ServerError(f"{method} {url}{path} failed: HTTP {r.status_code}: {_detail(r)}")
-            return r.json()
-        raise ServerError(
-            f"server {url} unreachable ({method} {path}): {self.retries + 1} attempts in "
-            f"{time.monotonic() - start:.1f}s, last error: {last}"
-        )
+        return http_retry.request_json(
+            self._client, method, url + path, retries=self.retries, backoff=self.backoff,
+            retry_status=_RETRY_STATUS, error=ServerError, detail=_detail,
+            exhausted=lambda attempts, secs, last: (
+                f"server {url} unreachable ({method} {path}): {attempts} attempts in {secs:.1f}s, "
+                f"last error: {last}"
+            ),
+            **kw,
+        )  # fmt: skip
 
     def _auth(self) -> dict[str, str]:
         if not self.token:
