@@ -23,41 +23,17 @@ from pathlib import Path
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-import numpy as np
+from bench import _setup
 
 
 def bench_model(args: argparse.Namespace, out_dir: Path):
     """Random model + local tokenizer, exported as an HF folder. Returns ``(hf_dir, cfg, flat_params)``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from atlas_jax.models.config import ModelConfig
-    from converters import mapping
-    from converters.jax_to_hf import export_hf_dir
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<unk>", "<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator([f"rollout benchmark line {i}" for i in range(200)], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>")
-    cfg = ModelConfig(
-        model_type="qwen2", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_layers=args.layers, num_heads=args.hidden // 64, num_kv_heads=args.kv_heads, head_dim=64,
-        qkv_bias=True, tie_word_embeddings=True, eos_token_id=fast.eos_token_id, max_position_embeddings=2048,
+    return _setup.bench_model(
+        out_dir, model_type="qwen2", vocab_size=args.vocab, hidden_size=args.hidden,
+        intermediate_size=args.intermediate, num_layers=args.layers, num_heads=args.hidden // 64,
+        num_kv_heads=args.kv_heads, head_dim=64, qkv_bias=True, tie_word_embeddings=True,
+        max_position_embeddings=2048,
     )  # fmt: skip
-    rng = np.random.default_rng(0)
-    flat = {}
-    for row, ours, _ in mapping.expand(cfg):
-        shape = mapping.ours_shape(row, cfg)
-        scale = ours.endswith("scale")
-        flat[ours] = np.ones(shape, np.float32) if scale else rng.standard_normal(shape, np.float32) * 0.05
-    hf_dir = export_hf_dir(flat, cfg, out_dir, tokenizer_src=fast, overwrite=True)
-    return hf_dir, cfg, flat
 
 
 def _timed(fn, reps: int, warmup=None) -> tuple[float, float]:
@@ -193,8 +169,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir, cfg, flat = bench_model(args, Path(tmp) / "model")
         n_params = sum(v.size for v in flat.values())
-        rng = np.random.default_rng(0)
-        prompts = [rng.integers(10, cfg.vocab_size, args.prompt_len).tolist() for _ in range(args.prompts)]
+        prompts = _setup.random_prompts(args.prompts, args.prompt_len, cfg.vocab_size)
         print(
             f"model: qwen2 {n_params / 1e6:.1f}M params (V={cfg.vocab_size} D={cfg.hidden_size} L={cfg.num_layers}); "
             f"{args.prompts} prompts x {args.n} samples x {args.max_tokens} tokens, prompt {args.prompt_len}, "

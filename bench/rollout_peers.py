@@ -2,9 +2,8 @@
 
     python -m bench.rollout_peers [--prompts 8 --n 8 --max_tokens 128 --dtype float32]
 
-``bench/rollout.py`` (the JAX sampler benchmark) imports ``vllm_rollout`` and ``peer_model`` from
-here so both columns sample the same model, prompts and lengths. Run alone, this prints vLLM's
-tokens/s on a ~25M-parameter Qwen2-shape model (the DESIGN.md peer: 64 completions x 128 tokens).
+Prints vLLM's tokens/s on a ~25M-parameter Qwen2-shape model (the DESIGN.md peer: 64 completions x
+128 tokens); the model, tokenizer and prompts come from ``bench/_setup.py`` like ``bench/rollout.py``'s.
 Completions ignore EOS so every engine generates exactly ``max_tokens`` per completion.
 """
 
@@ -22,6 +21,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import numpy as np
 
+from bench import _setup
+
 
 def peer_model(out_dir: str | os.PathLike[str], *, seed: int = 0) -> tuple[Path, Any, dict[str, np.ndarray]]:
     """Writes the ~25M-param Qwen2-shape peer model (random weights, local tokenizer) to ``out_dir``.
@@ -29,53 +30,11 @@ def peer_model(out_dir: str | os.PathLike[str], *, seed: int = 0) -> tuple[Path,
     Returns:
       ``(hf_dir, ModelConfig, flat_params)``.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from atlas_jax.models.config import ModelConfig
-    from converters import mapping
-    from converters.jax_to_hf import export_hf_dir
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<unk>", "<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator([f"rollout benchmark line {i}" for i in range(200)], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>")
-    cfg = ModelConfig(
-        model_type="qwen2",
-        vocab_size=8192,
-        hidden_size=512,
-        intermediate_size=1408,
-        num_layers=6,
-        num_heads=8,
-        num_kv_heads=2,
-        head_dim=64,
-        qkv_bias=True,
-        tie_word_embeddings=True,
-        eos_token_id=fast.eos_token_id,
+    return _setup.bench_model(
+        out_dir, seed, model_type="qwen2", vocab_size=8192, hidden_size=512, intermediate_size=1408,
+        num_layers=6, num_heads=8, num_kv_heads=2, head_dim=64, qkv_bias=True, tie_word_embeddings=True,
         max_position_embeddings=2048,
-    )
-    rng = np.random.default_rng(seed)
-    flat = {}
-    for row, ours, _ in mapping.expand(cfg):
-        shape = mapping.ours_shape(row, cfg)
-        if ours.endswith("scale"):
-            flat[ours] = np.ones(shape, np.float32)
-        else:
-            flat[ours] = (rng.standard_normal(shape, dtype=np.float32) * 0.05).astype(np.float32)
-    hf_dir = export_hf_dir(flat, cfg, Path(out_dir), tokenizer_src=fast, overwrite=True)
-    return hf_dir, cfg, flat
-
-
-def peer_prompts(num_prompts: int, prompt_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    """Random token-id prompts (ids 10..vocab-1, avoiding special tokens)."""
-    rng = np.random.default_rng(seed)
-    return [rng.integers(10, vocab, prompt_len).tolist() for _ in range(num_prompts)]
+    )  # fmt: skip
 
 
 def vllm_rollout(
@@ -128,7 +87,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir, cfg, flat = peer_model(Path(tmp) / "peer")
         n_params = sum(v.size for v in flat.values())
-        prompts = peer_prompts(args.prompts, args.prompt_len, cfg.vocab_size)
+        prompts = _setup.random_prompts(args.prompts, args.prompt_len, cfg.vocab_size)
         r = vllm_rollout(
             hf_dir, prompts, n=args.n, max_tokens=args.max_tokens, dtype=args.dtype, reps=args.reps
         )

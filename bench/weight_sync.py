@@ -28,36 +28,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import numpy as np
 
-
-def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<unk>", "<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator([f"weight sync benchmark line {i}" for i in range(200)], trainer)
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>")
-
-
-def _random_params(cfg, seed: int) -> dict[str, np.ndarray]:
-    from converters import mapping
-
-    rng = np.random.default_rng(seed)
-    out = {}
-    for row, ours, _ in mapping.expand(cfg):
-        shape = mapping.ours_shape(row, cfg)
-        scale = 1.0 if ours.endswith("scale") else 0.05
-        out[ours] = (
-            rng.standard_normal(shape, dtype=np.float32) * scale + (1.0 if scale == 1.0 else 0.0)
-        ).astype(np.float32)
-    return out
+from bench import _setup
 
 
 def _best(fn, reps: int) -> float:
@@ -104,34 +75,22 @@ def main() -> None:
 
     from atlas_jax.engines.base import SamplingParams
     from atlas_jax.engines.vllm_engine import VLLMEngine
-    from atlas_jax.models.config import ModelConfig
     from converters.jax_to_hf import export_hf_dir
 
-    tok = _tokenizer()
-    cfg = ModelConfig(
-        model_type="qwen3",
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.hidden * 11 // 4,
-        num_layers=args.layers,
-        num_heads=args.hidden // 64,
-        num_kv_heads=2,
-        head_dim=64,
-        qk_norm=True,
-        tie_word_embeddings=args.tied,
-        eos_token_id=tok.eos_token_id,
-        max_position_embeddings=1024,
-    )
-    params_a, params_b = _random_params(cfg, 0), _random_params(cfg, 1)
-    n_params = sum(v.size for v in params_a.values())
-    n_bytes = sum(v.nbytes for v in params_a.values())
-    print(
-        f"model: qwen3 D={cfg.hidden_size} L={cfg.num_layers} V={cfg.vocab_size} tied={cfg.tie_word_embeddings}: "
-        f"{n_params / 1e6:.1f}M params, {n_bytes / 2**20:.0f} MiB fp32"
-    )
-
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = export_hf_dir(params_a, cfg, Path(tmp) / "hf", tokenizer_src=tok)
+        model_dir, cfg, params_a = _setup.bench_model(
+            Path(tmp) / "hf", 0, model_type="qwen3", vocab_size=args.vocab, hidden_size=args.hidden,
+            intermediate_size=args.hidden * 11 // 4, num_layers=args.layers, num_heads=args.hidden // 64,
+            num_kv_heads=2, head_dim=64, qk_norm=True, tie_word_embeddings=args.tied,
+            max_position_embeddings=1024,
+        )  # fmt: skip
+        params_b = _setup.random_params(cfg, 1)
+        n_params = sum(v.size for v in params_a.values())
+        n_bytes = sum(v.nbytes for v in params_a.values())
+        print(
+            f"model: qwen3 D={cfg.hidden_size} L={cfg.num_layers} V={cfg.vocab_size} "
+            f"tied={cfg.tie_word_embeddings}: {n_params / 1e6:.1f}M params, {n_bytes / 2**20:.0f} MiB fp32"
+        )
         engine = VLLMEngine(model_dir, max_model_len=256)
         greedy = SamplingParams(temperature=0.0, max_tokens=8)
         prompt = [[5, 6, 7, 8]]
