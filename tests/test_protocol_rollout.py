@@ -160,3 +160,46 @@ def test_thinking_never_reaches_the_student(problems, student_tok, teacher_tok):
     for prompts, _, _ in student.calls:
         for p in prompts:
             assert secret not in p and "<thinking>" not in p
+
+
+@pytest.mark.slow
+def test_empty_teaching_as_no_intervention(problems, student_tok, teacher_tok):
+    """empty_teaching="baseline": an empty teaching makes no student call and scores Δ = 0 exactly;
+    "template" asks the student with the empty teaching in the taught template."""
+    import dataclasses
+
+    settings = RolloutSettings(
+        k=2, m=2, group_size=2, max_probe_tokens=5, max_teaching_tokens=16, max_student_tokens=4,
+        student_temperature=1.0, teacher_temperature=0.0, empty_teaching="baseline",
+    )  # fmt: skip
+    student = Recorder(make_jax_engine(student_tok, seed=1))
+    teacher_model = make_model(teacher_tok, seed=3)
+    teacher = Recorder(HFEngine(teacher_model, teacher_tok))
+    chosen = problems[:2]
+    rollout = TwoPassRollout(student, teacher, settings)
+    probes = [c.text.strip() for c in rollout.probes(chosen)]
+    prompts = [text for text, _ in rollout.teacher_prompts(chosen, probes)]
+    train_to_emit(teacher_model, teacher_tok, prompts, "<teaching></teaching>")
+    student.calls.clear()
+
+    batch = rollout.run(chosen)
+    # Only the baseline (k samples) and probe calls: no taught call for empty teachings.
+    assert [n for _, _, n in student.calls] == [settings.k, 1]
+    for group in batch.groups:
+        for ep in group.episodes:
+            assert (ep.teaching, ep.teaching_tag_found) == ("", True)
+            assert ep.taught is group.baseline and ep.p1 == group.p0 and ep.delta == 0.0
+            assert ep.reward == 0.0
+
+    student.calls.clear()
+    templ = TwoPassRollout(student, teacher, dataclasses.replace(settings, empty_teaching="template"))
+    templ.baseline_cache = dict(rollout.baseline_cache)
+    batch = templ.run(chosen)
+    taught_calls = [c for c in student.calls if c[2] == settings.m]
+    assert len(taught_calls) == 1 and len(taught_calls[0][0]) == len(chosen) * settings.group_size
+    assert all(ep.taught is not g.baseline for g in batch.groups for ep in g.episodes)
+
+
+def test_empty_teaching_rule_is_validated():
+    with pytest.raises(ValueError, match="empty_teaching"):
+        RolloutSettings(empty_teaching="skip")

@@ -209,12 +209,16 @@ class StudentCurriculum:
       trust_fraction: fraction of chained rows whose chain has one wrong partial sum and whose target
         is built on it (last partial sum + last operand): the student learns to *trust* the hint's
         last intermediate result instead of recomputing it, so wrong guidance hurts.
+      empty_hint_fraction: of the rows answered without a useful hint through the taught template, the
+        fraction whose hint is empty (the rest get generic or long advice): an empty teaching must leave the
+        student as it is alone.
       levels: difficulty weights of the drawn problems.
     """
 
     probe_fraction: float = 0.15
     alone_fraction: tuple[tuple[int, float], ...] = ((1, 1.0), (2, 0.1), (3, 0.0))
     trust_fraction: float = 0.25
+    empty_hint_fraction: float = 0.3
     levels: tuple[tuple[int, float], ...] = ((1, 1.0), (2, 1.0), (3, 1.0))
 
 
@@ -247,7 +251,9 @@ def student_rows(
             rows.append(StudentRow("probe", p, "", probe_text(p)))
         elif p.steps == 1 or rng.random() < alone.get(p.steps, 0.0):
             kind = rng.choice(("baseline", "taught"))
-            hint = rng.choice(("", *GENERIC_ADVICE, *LONG_ADVICE)) if kind == "taught" else ""
+            hint = ""
+            if kind == "taught" and rng.random() >= curriculum.empty_hint_fraction:
+                hint = rng.choice((*GENERIC_ADVICE, *LONG_ADVICE))
             rows.append(StudentRow(kind, p, hint, answer_text(p.answer)))
         else:
             if rng.random() < curriculum.trust_fraction:

@@ -23,6 +23,7 @@ from atlas_jax.protocol.templates import Templates
 from atlas_jax.rewards import RewardParams
 
 MISSING_TEACHING_RULES = ("strip_thinking", "empty")
+EMPTY_TEACHING_RULES = ("template", "baseline")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,10 @@ class RolloutSettings:
       verifier: "auto" (math-verify, then normalised match), "math", "normalised" or "exact".
       missing_teaching: rule when the teacher wrote no <teaching> tag: "strip_thinking" (default; the
         completion with every <thinking> block removed is the teaching) or "empty" (no teaching).
+      empty_teaching: what an empty teaching means: "template" (default; the student answers the taught
+        template with an empty teaching, m fresh samples) or "baseline" (an empty teaching is no
+        intervention: the student's cached baseline samples stand for its taught samples, so p1 = p0 and
+        Δ = 0 exactly, and no student call is made for it).
       seed: base seed; each phase derives its own seed from it and the step.
     """
 
@@ -70,6 +75,7 @@ class RolloutSettings:
     answer_extractor: str = "default"
     verifier: str = "auto"
     missing_teaching: str = "strip_thinking"
+    empty_teaching: str = "template"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -83,6 +89,11 @@ class RolloutSettings:
             raise ValueError(
                 f"RolloutSettings.missing_teaching must be one of {MISSING_TEACHING_RULES}, "
                 f"got {self.missing_teaching!r}"
+            )
+        if self.empty_teaching not in EMPTY_TEACHING_RULES:
+            raise ValueError(
+                f"RolloutSettings.empty_teaching must be one of {EMPTY_TEACHING_RULES}, "
+                f"got {self.empty_teaching!r}"
             )
         # Imported lazily to keep this module free of heavy imports; raises listing known names.
         from atlas_jax.protocol.answers import EXTRACTORS, VERIFIERS

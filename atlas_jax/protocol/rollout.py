@@ -157,7 +157,13 @@ class TwoPassRollout:
             for p, probe, group in zip(problems, probes, teachings, strict=True)
             for t, _ in group
         ]
-        taught_out = self.student.generate(taught_prompts, self._student_params(step, _PHASE_TAUGHT), n=s.m)
+        # "baseline": an empty teaching is no intervention, its taught samples are the baseline's (no call).
+        skip = [s.empty_teaching == "baseline" and not t for group in teachings for t, _ in group]
+        asked = [q for q, sk in zip(taught_prompts, skip, strict=True) if not sk]
+        answers = iter(
+            self.student.generate(asked, self._student_params(step, _PHASE_TAUGHT), n=s.m) if asked else []
+        )
+        taught_out = [None if sk else next(answers) for sk in skip]
 
         groups = []
         tok = self.teacher.tokenizer
@@ -170,7 +176,8 @@ class TwoPassRollout:
             for g, comp in enumerate(teacher_out[i]):
                 teaching, found = teachings[i][g]
                 j = i * s.group_size + g
-                taught = self._score(taught_prompts[j], taught_out[j], p.answer)
+                out_j = taught_out[j]
+                taught = baseline if out_j is None else self._score(taught_prompts[j], out_j, p.answer)
                 teaching_tokens = len(tok.encode(teaching, add_special_tokens=False)) if teaching else 0
                 eff = efficiency_bonus(
                     s.reward_params.efficiency,

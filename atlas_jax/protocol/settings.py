@@ -68,5 +68,6 @@ def rollout_settings_from_config(config: Any) -> RolloutSettings:
         answer_extractor=p.answer_extractor,
         verifier=p.verifier,
         missing_teaching=p.missing_teaching,
+        empty_teaching=p.empty_teaching,
         seed=int(config.seed),
     )
