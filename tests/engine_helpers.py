@@ -24,23 +24,45 @@ CHAT_TEMPLATE = (
 CORPUS = [f"the quick brown fox jumps over the lazy dog {i} times; {i}+{i}={2 * i}." for i in range(300)]
 
 
-def make_tokenizer() -> Any:
-    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``CORPUS`` (vocab 320)."""
+def bpe_tokenizer(
+    texts: list[str],
+    *,
+    vocab_size: int,
+    special_tokens: list[str],
+    chat_template: str,
+    unk: str | None = None,
+) -> Any:
+    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts`` (EOS = pad = ``<|endoftext|>``).
+
+    ``special_tokens`` take the first ids, in order; ``unk`` (if given) is the BPE's unknown token.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok = Tokenizer(models.BPE(unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<unk>", EOS, "<|im_start|>", "<|im_end|>"],
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, unk_token="<unk>")
-    fast.chat_template = CHAT_TEMPLATE
+    tok.train_from_iterator(texts, trainer)
+    extra = {} if unk is None else {"unk_token": unk}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, **extra)
+    fast.chat_template = chat_template
     return fast
+
+
+def make_tokenizer() -> Any:
+    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``CORPUS`` (vocab 320)."""
+    return bpe_tokenizer(
+        CORPUS,
+        vocab_size=320,
+        special_tokens=["<unk>", EOS, "<|im_start|>", "<|im_end|>"],
+        chat_template=CHAT_TEMPLATE,
+        unk="<unk>",
+    )
 
 
 def make_hf_dir(out: str | os.PathLike[str], *, tied: bool, seed: int = 0, model_type: str = "qwen3") -> Path:

@@ -10,6 +10,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from engine_helpers import EOS, bpe_tokenizer
+
 from atlas_jax.engines.base import Completion, Engine, Prompt, SamplingParams
 
 CHAT_TEMPLATE = (
@@ -31,31 +33,19 @@ def corpus() -> list[str]:
 
 def make_tokenizer(vocab_size: int = 320):
     """A byte-level BPE tokenizer trained here (no downloads), with a chat template and EOS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
+    return bpe_tokenizer(
+        corpus(),
         vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[EOS, "<|im_start|>", "<|im_end|>"],
+        chat_template=CHAT_TEMPLATE,
     )
-    tok.train_from_iterator(corpus(), trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    hf.chat_template = CHAT_TEMPLATE
-    return hf
 
 
-def make_model(tokenizer, seed: int = 0):
-    """A tiny random Qwen2-shape model (hidden 64, 2 heads of 32, 1 kv head, 2 layers)."""
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
+def _qwen2_config(tokenizer):
+    """The tiny Qwen2-shape config (hidden 64, 2 heads of 32, 1 kv head, 2 layers) for ``tokenizer``."""
+    from transformers import Qwen2Config
 
-    torch.set_num_threads(1)  # 2 shared cores: more threads only contend
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
+    return Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -67,7 +57,16 @@ def make_model(tokenizer, seed: int = 0):
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
-    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def make_model(tokenizer, seed: int = 0):
+    """A tiny random Qwen2-shape model (hidden 64, 2 heads of 32, 1 kv head, 2 layers)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)  # 2 shared cores: more threads only contend
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(_qwen2_config(tokenizer)).eval()
 
 
 class HFEngine(Engine):
@@ -182,20 +181,7 @@ class Recorder(Engine):
 
 def hf_config_dict(tokenizer) -> dict:
     """The HF config (dict) of the tiny Qwen2-shape model ``make_model`` builds."""
-    from transformers import Qwen2Config
-
-    return Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=2048,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    ).to_dict()
+    return _qwen2_config(tokenizer).to_dict()
 
 
 def make_jax_engine(tokenizer, seed: int = 0) -> Engine:
