@@ -6,7 +6,7 @@ Builds ``--engines`` tiny models of one architecture (hidden 64, 2 heads of 32, 
 vocab 320: the quickstart's scale) with different random parameters, and for each one times engine
 construction + its first ``generate`` (temperature 1, then greedy), then a second (warm) call. Engines
 of one architecture share compiled programs, so every engine after the first should cost about as much
-as a warm call; before sharing, each engine recompiled everything.
+as a warm call; before sharing (``--per_engine``), each engine recompiled everything.
 """
 
 from __future__ import annotations
@@ -22,10 +22,14 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--prompt_len", type=int, default=12)
     ap.add_argument("--max_tokens", type=int, default=32)
+    ap.add_argument(
+        "--per_engine", action="store_true", help="compile per engine (the behaviour before sharing)"
+    )
     args = ap.parse_args()
 
     import numpy as np
 
+    from atlas_jax.engines import jax_sampler
     from atlas_jax.engines.base import SamplingParams
     from atlas_jax.engines.jax_sampler import JaxSampler
     from atlas_jax.models.config import ModelConfig
@@ -35,6 +39,8 @@ def main() -> None:
         model_type="qwen3", vocab_size=320, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=2,
         num_kv_heads=1, head_dim=32, qk_norm=True, tie_word_embeddings=True, max_position_embeddings=256,
     )  # fmt: skip
+    if args.per_engine:
+        jax_sampler._cached_programs = jax_sampler._build_programs  # no cache: fresh programs per engine
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, cfg.vocab_size, args.prompt_len).tolist() for _ in range(args.prompts)]
     calls = [
