@@ -15,6 +15,7 @@ Every engine runs in this process, one after the other (vLLM last: it pins OpenM
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import tempfile
 import time
@@ -75,28 +76,33 @@ def jax_rollout(cfg, flat, prompts, args) -> dict[str, float]:
 
 
 def _model_step_ms(model, batch: int, args) -> float:
-    """One jitted decode forward (+ unembed) of ``batch`` rows against a half-full cache, no sampling."""
+    """One jitted decode forward (+ unembed) of ``batch`` rows, no sampling, cache donated (in place).
+
+    The cache has the sampler's slot count (prompt and max_tokens buckets), so ``step_ms -
+    model_step_ms`` is what the sampler adds per step (sampling, loop, bookkeeping).
+    """
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
+    from atlas_jax.engines.jax_sampler import bucket
     from atlas_jax.models.kv_cache import KVCache
 
     graphdef, state = nnx.split(model)
-    cache = KVCache.init(model.cfg, batch, 2 * (args.prompt_len + args.max_tokens))
+    cache = KVCache.init(model.cfg, batch, bucket(args.prompt_len, 16) + bucket(args.max_tokens, 16))
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=1)
     def step(state, cache, ids):
         m = nnx.merge(graphdef, state)
         h, cache = m.hidden_states(ids, jnp.zeros_like(ids), jnp.ones_like(ids), cache)
         return m.unembed(h), cache
 
     ids = jnp.zeros((batch, 1), jnp.int32)
-    jax.block_until_ready(step(state, cache, ids))
+    logits, cache = jax.block_until_ready(step(state, cache, ids))
     t = time.perf_counter()
     for _ in range(10):
-        out = step(state, cache, ids)
-    jax.block_until_ready(out)
+        logits, cache = step(state, cache, ids)
+    jax.block_until_ready(logits)
     return 1e3 * (time.perf_counter() - t) / 10
 
 
