@@ -149,7 +149,13 @@ class PhaseTimer:
 
 
 def progress_bar(total: int, initial: int, desc: str, enabled: bool = True):
-    """A tqdm bar (with ETA) over optimiser steps, starting at ``initial`` when resuming."""
+    """A tqdm bar (with ETA) over optimiser steps, starting at ``initial`` when resuming (main process only)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        disable=not (enabled and _is_main_process()),
+        dynamic_ncols=True,
+    )
