@@ -151,6 +151,12 @@ def main(out_dir: str, quick: bool) -> None:
     out["interleaved_roundtrip"] = distributed.gather_to_host(
         distributed.to_global_array(x[irows], imesh, global_rows=ROWS)
     )
+    distributed.assert_same_on_all_hosts({"x": x, "rows": np.arange(ROWS)}, "identical data")
+    try:
+        distributed.assert_same_on_all_hosts({"x": x + distributed.process_index()}, "per-host data")
+        out["differ_error"] = np.array("")
+    except RuntimeError as e:
+        out["differ_error"] = np.array(str(e))
     distributed.sync("data-checks")
     if not quick:
         c = case()

@@ -120,6 +120,8 @@ def _check_data(results: list[dict]) -> None:
         assert float(r["weighted_sum"]) == 1620.0
         np.testing.assert_array_equal(r["roundtrip"], x)
         np.testing.assert_array_equal(r["interleaved_roundtrip"], x)
+        # Different host values are caught on every process (none may go on alone into a collective).
+        assert "per-host data differs between process 0 and process(es) [1]" in str(r["differ_error"])
     # make_mesh puts each process's 2 devices in one `data` row: process i feeds rows 4i … 4i+3.
     np.testing.assert_array_equal(results[0]["rows"], [0, 1, 2, 3])
     np.testing.assert_array_equal(results[1]["rows"], [4, 5, 6, 7])
@@ -507,6 +509,20 @@ def test_host_local_batch_single_process():
     np.testing.assert_array_equal(back["b"], batch["b"])
     with pytest.raises(ValueError, match="different row counts"):
         distributed.shard_global_batch({"a": np.zeros((8, 1)), "b": np.zeros((4,))}, mesh)
+
+
+def test_metrics_writer_off_the_main_process_touches_no_file(tmp_path):
+    from atlas_jax.training.writers import MetricsWriter
+
+    w = MetricsWriter(tmp_path / "run", enabled=False)
+    assert w.write(3, {"loss": np.float32(0.5)}) == {"step": 3, "loss": 0.5}
+    assert w.write_samples(3, [{"a": 1}]) == tmp_path / "run/samples/step_3.jsonl"
+    w.close()
+    assert not (tmp_path / "run").exists()
+    w = MetricsWriter(tmp_path / "run", tensorboard=False)  # single process: the main one writes
+    w.write(1, {"loss": 1.0})
+    w.close()
+    assert (tmp_path / "run/metrics.jsonl").read_text().count("\n") == 1
 
 
 def test_initialize_after_jax_work_says_to_call_it_first(clean_env):
