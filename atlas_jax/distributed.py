@@ -21,7 +21,8 @@ naming what is missing.
 Data: every host runs the same data pipeline (same seed), so each knows the global batch; a host feeds
 only the rows its devices hold (``host_local_batch``) and ``to_global_array`` assembles the global
 ``jax.Array`` from every host's rows. ``gather_to_host`` brings sharded results back to every host
-(metrics, export); ``sync`` is a named barrier.
+(metrics, export); ``sync`` is a named barrier; ``assert_same_on_all_hosts`` checks that host-side values
+every host computed for itself (e.g. a rollout batch) agree.
 """
 
 from __future__ import annotations

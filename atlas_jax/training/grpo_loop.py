@@ -8,6 +8,10 @@ Per step the timings of each phase are logged (``time/weight_push``; ``time/roll
 (``atlas_jax.metrics.rollout_metrics``: reward mean/std and terms, LR, NDR, LES, accuracies, completion
 rate, lengths), the learner's metrics (loss, KL, clip fraction, entropy, grad norm, sampler-vs-trainer
 log-prob mismatch) and throughput.
+
+Multi-process runs (docs/multihost.md): every host rolls out the same problems with the same seeds (the
+JAX teacher samples on the global mesh; the student runs on each host), so the learner batch is identical
+on every host, which ``distributed.assert_same_on_all_hosts`` checks before each update.
 """
 
 from __future__ import annotations
