@@ -1,6 +1,7 @@
 """The shipped arithmetic teaching task: generator, splits, annotator, curriculum and tokenizer."""
 
 import collections
+import re
 import random
 
 import pytest
@@ -72,6 +73,11 @@ def test_student_curriculum_trusts_hints_and_never_solves_hard_problems_alone():
     assert all(r.completion == task.answer_text(task.followed_answer(r.problem, r.teaching)) for r in chained)
     wrong = [r for r in chained if r.completion != task.answer_text(r.problem.answer)]
     assert 0.4 < len(wrong) / len(chained) < 0.6
+    # Wrong partial sums are far off as well as near (so the student follows any value, not only ±1..3).
+    sums = [int(x) for r in wrong for x in re.findall(r"=(\d+)", r.teaching)]
+    assert min(sums) == 1 and max(sums) > 18
+    offs = [abs(int(r.completion[len("\\boxed{") : -1]) - int(r.problem.answer)) for r in wrong]
+    assert sum(o > 3 for o in offs) > len(offs) / 3
     probes = [r for r in rows if r.kind == "probe"]
     assert all(r.completion == task.probe_text(r.problem) for r in probes)
 

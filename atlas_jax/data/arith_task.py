@@ -39,6 +39,9 @@ LONG_ADVICE = (
     "this one is easy, just add the two numbers and then check again",
     "go slowly, add from left to right and check each step once more",
 )
+# A trusted wrong partial sum is drawn uniformly from 1..(right + TRUST_SPREAD): far-off values too, so the
+# student follows *any* last partial sum and a teacher cannot find hints the student silently ignores.
+TRUST_SPREAD = 8
 # Fixed seeds of the three disjoint splits (offset by the run seed only when asked to).
 SPLIT_SEEDS = {"student": 1_000, "sft": 2_000, "rl": 3_000, "eval": 4_000}
 
@@ -206,9 +209,11 @@ class StudentCurriculum:
       alone_fraction: per difficulty, the probability that a row of that difficulty is answered
         without a useful hint (baseline prompt or generic advice); the rest get the partial-sum chain.
         1-step problems have no chain, so they are always answered alone.
-      trust_fraction: fraction of chained rows whose chain has one wrong partial sum and whose target
-        is built on it (last partial sum + last operand): the student learns to *trust* the hint's
-        last intermediate result instead of recomputing it, so wrong guidance hurts.
+      trust_fraction: fraction of chained rows whose chain has one wrong partial sum (any value in
+        ``1..right + TRUST_SPREAD``) and whose target is built on it (last partial sum + last operand):
+        the student learns to *trust* the hint's last intermediate result instead of recomputing it, so
+        wrong guidance hurts, whatever the wrong value (an earlier curriculum with only ±1..3 errors let
+        GRPO find far-off "sums" the student ignored and then answered right: reward hacking).
       empty_hint_fraction: of the rows answered without a useful hint through the taught template, the
         fraction whose hint is empty (the rest get generic or long advice): an empty teaching must leave the
         student as it is alone.
@@ -257,8 +262,10 @@ def student_rows(
             rows.append(StudentRow(kind, p, hint, answer_text(p.answer)))
         else:
             if rng.random() < curriculum.trust_fraction:
-                err = rng.choice((-3, -2, -1, 1, 2, 3))
-                hint = hint_chain(p.operands, error_at=rng.randrange(p.steps - 1), error=err)
+                at = rng.randrange(p.steps - 1)
+                right = sum(p.operands[: at + 2])
+                wrong = rng.choice([v for v in range(1, right + TRUST_SPREAD + 1) if v != right])
+                hint = hint_chain(p.operands, error_at=at, error=wrong - right)
             else:
                 hint = hint_chain(p.operands)
             rows.append(StudentRow("taught", p, hint, answer_text(followed_answer(p, hint))))
