@@ -25,14 +25,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.task.levels = (1, 2, 3)  # difficulties = number of additions
     c.task.max_operand = 6  # operands are 1..max_operand
     c.task.student_rows = 24_000  # student curriculum rows (drawn with replacement)
-    c.task.sft_rows = 2_000  # teacher SFT rows written by the noisy annotator
+    c.task.sft_rows = 8_000  # teacher SFT rows written by the noisy annotator
     c.task.rl_problems = 2_000  # GRPO problems (multi-step ones never in the eval split)
     c.task.eval_per_level = 36  # held-out problems per difficulty
     c.task.probe_fraction = 0.15  # share of student rows that teach the probe ("add 3 numbers")
-    c.task.alone_fraction = (1.0, 0.1, 0.0)  # per level: share of student rows answered without a chain hint
+    c.task.alone_fraction = (1.0, 0.05, 0.0)  # per level: share of student rows answered without a chain hint
     c.task.trust_fraction = 0.3  # share of chained rows with a wrong partial sum the target builds on
     # annotator: P(useful chain, generic advice, wrong chain) on multi-step; P(empty, generic, long) on 1-step
-    c.task.annotator_mix = (0.55, 0.3, 0.15, 0.2, 0.4, 0.4)
+    c.task.annotator_mix = (0.6, 0.4, 0.0, 0.3, 0.35, 0.35)
     c.task.vocab_size = 448  # BPE target size (256 bytes + specials + merges); digits stay single tokens
     c.task.hidden_size = 64  # the student's (and teacher's) decoder: tiny, head_dim 32 so vLLM serves it
     c.task.intermediate_size = 256
@@ -48,29 +48,29 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.student = ml_collections.ConfigDict()  # the student's own SFT run (same fields as c.sft)
     c.student.learning_rate = 5e-3
-    c.student.num_steps = 800
+    c.student.num_steps = 1000
     c.student.batch_size = 64
     c.student.micro_batch_size = 64
-    c.student.max_length = 48
+    c.student.max_length = 40  # the longest row is 38 tokens
 
-    c.sft.learning_rate = 1e-3
-    c.sft.num_steps = 400
+    c.sft.learning_rate = 2e-3
+    c.sft.num_steps = 1200  # writing correct chains takes a tiny model ~1k steps (the teacher's arithmetic)
     c.sft.batch_size = 64
     c.sft.micro_batch_size = 64
-    c.sft.max_length = 48
+    c.sft.max_length = 40
 
     c.optim.schedule = "cosine"
     c.optim.warmup_ratio = 0.05
     c.optim.min_lr_ratio = 0.05
     c.optim.weight_decay = 0.01
 
-    c.grpo.learning_rate = 5e-4
+    c.grpo.learning_rate = 3e-4  # higher rates (1e-3) let Adam's noise wreck the teacher's arithmetic
     c.grpo.num_steps = 80
     c.grpo.problems_per_step = 8
     c.grpo.num_generations = 8
     c.grpo.micro_batch_size = 64
     c.grpo.temperature = 1.0
-    c.grpo.beta = 0.0  # no reference model: the protocol's asymmetric reward already guards the student
+    c.grpo.beta = 0.05  # k3 KL to the frozen SFT teacher: keeps its arithmetic while GRPO picks what to teach
     c.grpo.logprob_chunk = 64
 
     c.protocol.baseline_template = "Q: {question}\nA:"
@@ -83,7 +83,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.protocol.max_prompt_tokens = 64
     c.protocol.num_baseline_samples = 4
     c.protocol.num_student_samples = 4
-    c.protocol.student_temperature = 0.5
+    c.protocol.student_temperature = 0.3
+    c.protocol.empty_teaching = "baseline"  # saying nothing is no intervention: Δ = 0 exactly
     c.protocol.verifier = "normalised"  # integer answers: exact normalised match, no math-verify needed
 
     c.reward.leak_penalty = 1.0  # the teaching must not state the answer
