@@ -65,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.01
 
     c.grpo.learning_rate = 3e-4  # higher rates (1e-3) let Adam's noise wreck the teacher's arithmetic
-    c.grpo.num_steps = 80
+    c.grpo.num_steps = 120  # 80 left rare wrong chains on 2-step problems (NDR 98.8% vs 99.4% at 120)
     c.grpo.problems_per_step = 8
     c.grpo.num_generations = 8
     c.grpo.micro_batch_size = 64
