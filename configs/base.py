@@ -82,9 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
         "strip_thinking"  # no <teaching> tag: "strip_thinking" (rest minus <thinking>) or "empty"
     )
 
-    # empty teaching: "template" (student answers the taught template with an empty teaching) or "baseline"
-    # (no intervention: the student's baseline samples stand, so Δ = 0 exactly)
-    c.protocol.empty_teaching = "template"
+    c.protocol.empty_teaching = (
+        "template"  # empty teaching: "template" (taught template, empty hint) or "baseline" (no call; Δ = 0)
+    )
 
     c.reward = ml_collections.ConfigDict()
     c.reward.name = "asymmetric"  # reward function from the registry in atlas_jax/rewards.py
