@@ -70,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.grpo.num_generations = 8
     c.grpo.micro_batch_size = 64
     c.grpo.temperature = 1.0
+    c.grpo.top_p = 0.95  # trims the rare garbage tail of a tiny teacher (NDR 98.8% -> 99.1% on seed 1)
     c.grpo.beta = 0.05  # k3 KL to the frozen SFT teacher: keeps its arithmetic while GRPO picks what to teach
     c.grpo.logprob_chunk = 64
 
