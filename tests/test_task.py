@@ -1,8 +1,8 @@
 """The shipped arithmetic teaching task: generator, splits, annotator, curriculum and tokenizer."""
 
 import collections
-import re
 import random
+import re
 
 import pytest
 
