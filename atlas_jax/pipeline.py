@@ -200,13 +200,10 @@ def task_model_config(config: Any, tokenizer: Any):
 
 
 def _export(policy: Any, folder: Path, tok_dir: Path) -> Path:
-    import jax
-
-    from converters.jax_to_hf import export_hf_dir
+    from atlas_jax.training.runtime import export_policy_hf
 
     cfg = policy.model_cfg.replace(remat=False, dtype="float32", param_dtype="float32")
-    return export_hf_dir(jax.device_get(policy.params), cfg, folder, tokenizer_src=str(tok_dir), dtype="float32",
-                         overwrite=True)  # fmt: skip
+    return export_policy_hf(policy, folder, tokenizer_src=str(tok_dir), cfg=cfg, dtype="float32")
 
 
 def train_student(config: Any, folder: Path, data_dir: Path) -> None:

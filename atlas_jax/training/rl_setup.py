@@ -101,17 +101,11 @@ def teacher_engine(config: Any, policy: Any) -> Engine:
             merge_model(policy.graphdef, policy.params, policy.rest), tokenizer, mesh=policy.mesh
         )
     if kind == "vllm":
-        from atlas_jax import distributed
         from atlas_jax.engines.vllm_engine import VLLMEngine
-        from converters.jax_to_hf import export_hf_dir
+        from atlas_jax.training.runtime import export_policy_hf
 
-        # Gathered on every process (a collective), written once to the shared run folder.
-        params = distributed.gather_to_host(policy.params)
-        folder = Path(config.output_dir) / "vllm_policy"
-        if distributed.is_main_process():
-            export_hf_dir(
-                params, policy.model_cfg, folder, tokenizer_src=tok_path or None, overwrite=True
-            )  # fmt: skip
-        distributed.sync("atlas_jax.vllm_policy_export")
+        folder = export_policy_hf(
+            policy, Path(config.output_dir) / "vllm_policy", tokenizer_src=tok_path or None
+        )
         return VLLMEngine(folder, seed=int(config.seed))
     raise ValueError(f"unknown --config.engine.teacher={kind!r}; choose jax or vllm")

@@ -205,6 +205,29 @@ def make_policy(
     return Policy(mesh, cfg, graphdef, rest, tx, schedule, state, rng, ckpt, start, position, extra, out)
 
 
+def export_policy_hf(
+    policy: Policy,
+    folder: str | Path,
+    tokenizer_src: Any = None,
+    *,
+    cfg: ModelConfig | None = None,
+    dtype: str | None = None,
+) -> Path:
+    """Writes the policy's params as an HF folder (overwriting it) and returns the folder.
+
+    The params are gathered on every process (a collective), written by the main one; the others wait.
+    """
+    from converters.jax_to_hf import export_hf_dir
+
+    params = distributed.gather_to_host(policy.params)
+    folder = Path(folder)
+    if distributed.is_main_process():
+        export_hf_dir(params, cfg or policy.model_cfg, folder, tokenizer_src=tokenizer_src, dtype=dtype,
+                      overwrite=True)  # fmt: skip
+    distributed.sync("atlas_jax.export_hf")
+    return folder
+
+
 def _write_model_files(ckpt_dir: Path, cfg: ModelConfig, source: str) -> None:
     """model_config.json + tokenizer assets beside the steps, so converters.jax_to_hf can export any step.
 

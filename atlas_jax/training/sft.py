@@ -21,7 +21,7 @@ from atlas_jax import distributed
 from atlas_jax.training import batching, train_step
 from atlas_jax.training.logprobs import sequence_logprobs
 from atlas_jax.training.losses import sft_loss
-from atlas_jax.training.runtime import Policy, make_policy
+from atlas_jax.training.runtime import Policy, export_policy_hf, make_policy
 from atlas_jax.training.writers import MetricsWriter, PhaseTimer, progress_bar
 
 
@@ -57,11 +57,19 @@ class EpochOrder:
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self.epoch = int((position or {}).get("epoch", 0))
         self.index = int((position or {}).get("index", 0))
+        self._cached: tuple[int, np.ndarray] | None = None  # (epoch, its permutation)
 
     def _perm(self) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.n)
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        if self._cached is None or self._cached[0] != self.epoch:
+            perm = (
+                np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle else None
+            )
+            self._cached = (self.epoch, np.arange(self.n) if perm is None else perm)
+        return self._cached[1]
+
+    def peek(self) -> int:
+        """The next example index, without taking it."""
+        return int(self._perm()[self.index])
 
     def take(self, k: int) -> list[int]:
         out: list[int] = []
@@ -102,13 +110,9 @@ def take_step_examples(order: EpochOrder, lengths: Sequence[int], sc: Any) -> li
         return order.take(int(sc.batch_size))
     packer = batching.FirstFit(int(sc.max_length), max_bins=int(sc.batch_size))
     taken: list[int] = []
-    while True:
-        epoch, index = order.epoch, order.index
-        (i,) = order.take(1)
-        if not packer.add(i, int(lengths[i])):
-            order.epoch, order.index = epoch, index  # give it back
-            return taken
-        taken.append(i)
+    while packer.add(i := order.peek(), int(lengths[i])):
+        taken.extend(order.take(1))
+    return taken
 
 
 def sft_total_steps(config: Any, num_examples: int, lengths: Sequence[int] | None = None) -> int:
@@ -239,18 +243,10 @@ def _log(writer: MetricsWriter, step: int, metrics: Any, info: dict) -> None:
 
 
 def _maybe_export(config: Any, policy: Policy) -> None:
-    """HF export of the final params: gathered on every process (a collective), written by the main one."""
+    """HF export of the final params when ``checkpoint.export_hf_dir`` is set (see ``export_policy_hf``)."""
     if config.checkpoint.export_hf_dir:
-        from converters.jax_to_hf import export_hf_dir
-
         tok = config.model.tokenizer or config.model.teacher or None
-        params = distributed.gather_to_host(policy.params)
-        if distributed.is_main_process():
-            export_hf_dir(
-                params, policy.model_cfg, config.checkpoint.export_hf_dir, tokenizer_src=tok or None,
-                overwrite=True,
-            )  # fmt: skip
-        distributed.sync("atlas_jax.export_hf")
+        export_policy_hf(policy, config.checkpoint.export_hf_dir, tokenizer_src=tok)
 
 
 def run_sft(config: Any) -> Policy:
