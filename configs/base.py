@@ -46,6 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.problem_field = "prompt"  # RL row field holding the problem text
     c.data.answer_field = "ground_truth"  # RL row field holding the reference answer
     c.data.shuffle = True  # reshuffle the training rows every epoch (seeded; the position is checkpointed)
+    c.data.id_field = ""  # RL row id column; "" = problem_id, then id, then a hash of problem + answer
+    c.data.weight_field = "bandit_weight"  # RL sampling-weight column (v1 files), used when present; "" = off
 
     c.protocol = ml_collections.ConfigDict()
     c.protocol.max_probe_tokens = 50  # pass 1: token budget of the student's approach probe

@@ -42,7 +42,8 @@ def _evaluate_models(config) -> dict:
     if missing:
         raise app.UsageError("launch.eval needs " + ", ".join(f"--config.{m}" for m in missing))
     start = time.perf_counter()
-    problems = load_problems(d.eval_path, problem_field=d.problem_field, answer_field=d.answer_field)
+    problems = load_problems(d.eval_path, problem_field=d.problem_field, answer_field=d.answer_field,
+                             id_field=d.id_field, weight_field="")  # fmt: skip
     problems = problems[: int(e.num_problems)]
     student = rl_setup.student_engine(config)
     tconf = config.copy_and_resolve_references()

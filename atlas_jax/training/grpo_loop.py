@@ -23,6 +23,7 @@ from typing import Any
 import jax
 
 from atlas_jax import distributed
+from atlas_jax.data.order import WeightedOrder
 from atlas_jax.engines.base import Engine
 from atlas_jax.engines.jax_sampler import JaxSampler
 from atlas_jax.metrics import rollout_metrics
@@ -112,7 +113,7 @@ def train_grpo(
     timer = PhaseTimer()
     timed_student, timed_teacher = _Timed(student), _Timed(teacher)
     rollout = TwoPassRollout(timed_student, timed_teacher, rl_setup.rollout_settings(config))
-    order = EpochOrder(len(train), int(config.seed), bool(config.data.shuffle), policy.data_position)
+    order = problem_order(train, int(config.seed), bool(config.data.shuffle), policy.data_position)
     writer = MetricsWriter(config.output_dir, tensorboard=bool(lg.tensorboard), resume_step=policy.start_step)
     total = int(g.num_steps)
     bar = progress_bar(total, policy.start_step, "grpo", bool(lg.progress_bar))
@@ -171,6 +172,14 @@ def train_grpo(
     return policy
 
 
+def problem_order(problems: Sequence[Any], seed: int, shuffle: bool, position: dict) -> Any:
+    """``WeightedOrder`` when the problems carry sampling weights (v1 ``bandit_weight``), else ``EpochOrder``."""
+    weights = [getattr(p, "weight", None) for p in problems]
+    if weights and all(w is not None for w in weights):
+        return WeightedOrder(weights, seed, position)
+    return EpochOrder(len(problems), seed, shuffle, position)
+
+
 def push_weights(teacher: Engine, policy: Policy) -> None:
     """Points ``teacher`` at the current params.
 
@@ -204,10 +213,11 @@ def run_grpo(config: Any, *, init_path: str | None = None) -> Policy:
     from atlas_jax.data.rl import load_problems
 
     d = config.data
-    problems = load_problems(d.rl_path, problem_field=d.problem_field, answer_field=d.answer_field)
+    fields = dict(problem_field=d.problem_field, answer_field=d.answer_field, id_field=d.id_field)
+    problems = load_problems(d.rl_path, weight_field=d.weight_field, **fields)
     if d.eval_path:
         train = problems
-        evals = load_problems(d.eval_path, problem_field=d.problem_field, answer_field=d.answer_field)
+        evals = load_problems(d.eval_path, weight_field="", **fields)
     else:
         train, evals = train_eval_split(problems, float(d.eval_fraction), int(config.seed))
     g = config.grpo
