@@ -42,8 +42,6 @@ SUBSTITUTIONS: list[tuple[str, str, str, str]] = [
     ("installation.md", 'pip install -e ".[cpu,test]"',
      'pip install --dry-run --no-deps --no-build-isolation --no-index -e ".[cpu,test]"',
      "checks that setup.py builds and names the extras without changing the test venv or the network"),
-    ("installation.md", "pip install -e .", "pip install --dry-run --no-deps --no-build-isolation --no-index -e .",
-     "as above"),
     ("*", "--config=configs/run/quickstart.py", f"--config={QS_CI} --config.output_dir=runs/quickstart",
      "the quickstart at CI size (configs/run/quickstart_ci.py), in the quickstart's own run folder; a "
      "later --config.output_dir in the doc command still wins"),
@@ -54,7 +52,6 @@ SUBSTITUTIONS: list[tuple[str, str, str, str]] = [
      "the quickstart's tiny student and the sample SFT rows stand in for a real teacher and data set, 2 steps"),
     ("multihost.md", "/work/venv/bin/pytest tests/test_distributed.py ", "python -m pytest --collect-only -q "
      "tests/test_distributed.py ", "the suite runs these tests itself; here the command and selection are checked"),
-    ("*", "--num_problems=100", "--num_problems=6", "fewer problems for atlas-teach"),
 ]  # fmt: skip
 
 # Doc commands (stripped lines, before substitution) that another test runs verbatim -> that test.
