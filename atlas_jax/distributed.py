@@ -21,8 +21,9 @@ naming what is missing.
 Data: every host runs the same data pipeline (same seed), so each knows the global batch; a host feeds
 only the rows its devices hold (``host_local_batch``) and ``to_global_array`` assembles the global
 ``jax.Array`` from every host's rows. ``gather_to_host`` brings sharded results back to every host
-(metrics, export); ``sync`` is a named barrier; ``assert_same_on_all_hosts`` checks that host-side values
-every host computed for itself (e.g. a rollout batch) agree.
+(metrics, export); ``all_gather_objects`` exchanges small picklable host values (rollout summaries, cache
+entries); ``sync`` is a named barrier; ``assert_same_on_all_hosts`` checks that host-side values every host
+(or every host of a group of replicas) computed for itself agree.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import pickle
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -359,15 +361,33 @@ def gather_to_host(tree: Any) -> Any:
     return jax.tree.unflatten(treedef, out)
 
 
-def assert_same_on_all_hosts(tree: Any, what: str) -> None:
-    """Checks that every process holds the same host values (a collective; no-op on one host).
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every process's ``obj`` (any picklable value), in process order, on every process (a collective).
+
+    Two all-gathers: the pickled sizes, then the bytes padded to the largest. Meant for small host values
+    (rollout summaries, baseline-cache entries, token-id prompts), not for arrays that live on devices.
+    """
+    if jax.process_count() == 1:
+        return [obj]
+    data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int64))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [pickle.loads(rows[p, : int(n)].tobytes()) for p, n in enumerate(sizes)]
+
+
+def assert_same_on_all_hosts(tree: Any, what: str, group: int = 0) -> None:
+    """Checks that processes of the same ``group`` hold the same host values (a collective; no-op on one host).
 
     Compares a SHA-256 of every leaf's dtype, shape and bytes (32 bytes per process are exchanged), so
-    the cost is one pass over the data, not a gather of it.
+    the cost is one pass over the data, not a gather of it. With the default (every process in group 0)
+    all processes must agree; per-host rollouts pass their share index, so only hosts that computed the
+    same share (replicas along the batch axes) are compared.
 
     Raises:
-      RuntimeError: on every process, when some process's ``tree`` differs from process 0's; names
-        ``what`` and the differing processes.
+      RuntimeError: on every process, when some process's ``tree`` differs from the first process of
+        its group; names ``what`` and the differing processes.
     """
     if jax.process_count() == 1:
         return
@@ -376,12 +396,18 @@ def assert_same_on_all_hosts(tree: Any, what: str) -> None:
         x = np.ascontiguousarray(x)
         h.update(f"{jax.tree_util.keystr(path)}|{x.dtype}|{x.shape}|".encode())
         h.update(x.tobytes())
-    digests = np.asarray(multihost_utils.process_allgather(np.frombuffer(h.digest(), np.uint8)))
-    differ = [p for p in range(1, len(digests)) if not np.array_equal(digests[p], digests[0])]
+    mine = np.concatenate(
+        [np.frombuffer(h.digest(), np.uint8), np.frombuffer(np.int64(group).tobytes(), np.uint8)]
+    )
+    rows = np.asarray(multihost_utils.process_allgather(mine))
+    digests, groups = rows[:, :32], rows[:, 32:].copy().view(np.int64).reshape(-1)
+    first = {int(g): int(np.flatnonzero(groups == g)[0]) for g in np.unique(groups)}
+    differ = [p for p in range(len(rows)) if not np.array_equal(digests[p], digests[first[int(groups[p])]])]
     if differ:
+        leads = sorted({first[int(groups[p])] for p in differ})
         raise RuntimeError(
-            f"{what} differs between process 0 and process(es) {differ}: every host must compute the same "
-            "values here (same data, seeds and deterministic engines)"
+            f"{what} differs between process(es) {leads} and process(es) {differ}: every host must compute "
+            "the same values here (same data, seeds and deterministic engines)"
         )
 
 

@@ -121,7 +121,7 @@ def _check_data(results: list[dict]) -> None:
         np.testing.assert_array_equal(r["roundtrip"], x)
         np.testing.assert_array_equal(r["interleaved_roundtrip"], x)
         # Different host values are caught on every process (none may go on alone into a collective).
-        assert "per-host data differs between process 0 and process(es) [1]" in str(r["differ_error"])
+        assert "per-host data differs between process(es) [0] and process(es) [1]" in str(r["differ_error"])
     # make_mesh puts each process's 2 devices in one `data` row: process i feeds rows 4i … 4i+3.
     np.testing.assert_array_equal(results[0]["rows"], [0, 1, 2, 3])
     np.testing.assert_array_equal(results[1]["rows"], [4, 5, 6, 7])
@@ -319,9 +319,11 @@ def test_sft_job_two_processes_equals_one_and_resumes(tmp_path, hf_folders):
 def test_grpo_job_two_processes_equals_one(tmp_path, hf_folders):
     """launch.train GRPO (JAX teacher sampler on the 2-process mesh, JAX student per host) = 1 process.
 
-    Every host rolls out the same problems with the same seeds; the teacher samples one row-sharded
-    global batch, so both runs sample the same tokens (compared exactly through the rewards, lengths
-    and the saved episodes), and the updates agree within fp32 reduction-order noise.
+    Each host rolls out its own half of every step's problems (its student calls seeded by its row
+    offsets; the teacher samples the gathered prompts in one global program) and feeds its rows of the
+    learner batch; both runs sample the same tokens (compared exactly through the rewards, lengths and
+    the saved episodes), and the updates agree within fp32 reduction-order noise. Each host does half
+    the single process's student work.
     """
     from atlas_jax.training.writers import read_metrics
 
@@ -352,6 +354,16 @@ def test_grpo_job_two_processes_equals_one(tmp_path, hf_folders):
         for k in ("loss", "grad_norm", "entropy", "logprob_mismatch_abs"):
             np.testing.assert_allclose(r2[k], r1[k], rtol=tol, atol=tol, err_msg=f"step {r1['step']} {k}")
     assert "eval/reward_mean" in two[-1] and two[-1]["eval/reward_mean"] == one[-1]["eval/reward_mean"]
+    for r2, r1 in zip(two, one, strict=True):  # student work: split between the hosts, not repeated
+        for what in ("calls", "prompts", "tokens"):
+            print(
+                f"step {r1['step']} student {what}: 1 process {r1[f'student_{what}/host0']:.0f}, "
+                f"2 processes {r2[f'student_{what}/host0']:.0f} + {r2[f'student_{what}/host1']:.0f}"
+            )
+        assert r2["student_calls/host0"] == r2["student_calls/host1"] == r1["student_calls/host0"] > 0
+        assert r2["student_prompts/host0"] == r2["student_prompts/host1"] == r1["student_prompts/host0"] / 2
+        assert r2["student_tokens/host0"] + r2["student_tokens/host1"] == r1["student_tokens/host0"]
+        assert "student_tokens/host1" not in r1
     samples = [(p / "run/samples/step_2.jsonl").read_text() for p in (tmp_path / "two", tmp_path / "one")]
     assert samples[0] and samples[0] == samples[1]
     worst = _check_same_params(tmp_path / "two/hf", tmp_path / "one/hf", Path(hf_folders["teacher"]), tol)

@@ -35,6 +35,9 @@ class SamplingParams:
       stop_strings: generation stops when the decoded completion contains one of these; the text
         (and ``token_ids``) are cut so that the stop string itself is not included.
       seed: base seed; a fixed seed gives the same samples for the same inputs.
+      row_offset: this call's prompts are prompts ``row_offset, row_offset + 1, …`` of a larger batch
+        (one host's share of it): prompt i is seeded as prompt ``row_offset + i`` would be in one call
+        with the whole batch, so the shares' samples together equal that call's.
     """
 
     temperature: float = 1.0
@@ -44,6 +47,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     seed: int | None = None
+    row_offset: int = 0
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -54,6 +58,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_k must be >= 0, got {self.top_k}")
         if self.max_tokens < 1:
             raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
+        if self.row_offset < 0:
+            raise ValueError(f"SamplingParams.row_offset must be >= 0, got {self.row_offset}")
 
 
 @dataclasses.dataclass

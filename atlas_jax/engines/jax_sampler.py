@@ -22,8 +22,9 @@ stop strings the host checks the decoded text every ``stop_check_every`` steps a
 Sampling, log-probs and stop-token checks are fused into the step (see `sampling.Strategy`); tokens and
 log-probs are gathered on device and fetched once per call.
 
-Randomness. Row ``r = prompt_index * n + sample_index`` draws ``u = uniform(fold_in(fold_in(key(seed), r),
-step))``, so a fixed seed gives the same samples, and the ``n`` samples of a prompt are independent.
+Randomness. Row ``r = (row_offset + prompt_index) * n + sample_index`` draws ``u = uniform(fold_in(fold_in(
+key(seed), r), step))``, so a fixed seed gives the same samples, the ``n`` samples of a prompt are independent,
+and a host's share of a batch (``SamplingParams.row_offset``) samples what the whole batch would.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def _shard(mesh: Mesh | None, x: jax.Array, axes: tuple[str | None, ...]) -> jax
 
 
 def _prefill_impl(
-    graphdef, mesh, counts, params, ids, mask, live, seed, max_tokens, stop_ids,
+    graphdef, mesh, counts, params, ids, mask, live, seed, max_tokens, stop_ids, row0,
     *, n, cache_len, max_new, strategy,
 ):  # fmt: skip
     counts["prefill"] += 1
@@ -120,7 +121,8 @@ def _prefill_impl(
     cache = jax.tree.map(shard, cache, cache.sharding_axes())
     b = ids.shape[0] * n
     row = functools.partial(shard, axes=("batch",))
-    keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(jnp.arange(b, dtype=jnp.uint32))
+    rows = row0 + jnp.arange(b, dtype=jnp.uint32)
+    keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(rows)
     logits = model.unembed(shard(rep(hidden[:, -1:], axis=0), ("batch", None, None)))[:, 0]
     tok, lp = strategy.sample(logits, _uniforms(keys, jnp.int32(0)))
     st = DecodeState(
@@ -323,7 +325,8 @@ class JaxSampler(Engine):
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             st = self._prefill(
                 weights, self._put(ids), self._put(mask), self._put(live), jnp.uint32(seed % 2**32), max_tokens,
-                jnp.asarray(stop_ids), n=n, cache_len=tp + m, max_new=m, strategy=strategy,
+                jnp.asarray(stop_ids), jnp.uint32(params.row_offset * n % 2**32), n=n, cache_len=tp + m,
+                max_new=m, strategy=strategy,
             )  # fmt: skip
             step = 1
             while True:

@@ -137,7 +137,7 @@ class OpenAIEngine(Engine):
     ) -> list[list[Completion]]:
         """See ``Engine.generate`` and the module docstring for what the API can and cannot give.
 
-        Seeds: prompt i is sent with ``seed + i`` (the API derives the n samples from it).
+        Seeds: prompt i is sent with ``seed + row_offset + i`` (the API derives the n samples from it).
 
         Raises:
           APIError: the API is unreachable or rejected a request (the message names the URL).
@@ -146,7 +146,7 @@ class OpenAIEngine(Engine):
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         requests = [
-            self._body(p, params, n, None if params.seed is None else params.seed + i)
+            self._body(p, params, n, None if params.seed is None else params.seed + params.row_offset + i)
             for i, p in enumerate(prompts)
         ]
 

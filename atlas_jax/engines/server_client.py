@@ -141,7 +141,7 @@ class ServerEngine(Engine):
                 "max_tokens": params.max_tokens,
                 "stop_token_ids": list(params.stop_token_ids),
                 "stop_strings": list(params.stop_strings),
-                "seed": None if params.seed is None else params.seed + lo * n,
+                "seed": None if params.seed is None else params.seed + (params.row_offset + lo) * n,
             }
             out = self._request(url, "POST", "/generate", json=body)
             return [[Completion(**c) for c in group] for group in out["completions"]]

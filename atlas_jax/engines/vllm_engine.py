@@ -166,7 +166,7 @@ class VLLMEngine(Engine):
     ) -> list[list[Completion]]:
         """Samples ``n`` completions per prompt (see ``Engine.generate``).
 
-        Seeds: with ``params.seed = s``, completion j of prompt i uses seed ``s + i * n + j``, so
+        Seeds: with ``params.seed = s``, completion j of prompt i uses seed ``s + (row_offset + i) * n + j``, so
         repeated prompts in one batch still get distinct samples and a fixed seed reproduces them.
 
         Raises:
@@ -202,7 +202,7 @@ class VLLMEngine(Engine):
                 max_tokens=params.max_tokens,
                 stop_token_ids=stop_ids,
                 stop=list(params.stop_strings) or None,
-                seed=None if params.seed is None else params.seed + i * n,
+                seed=None if params.seed is None else params.seed + (params.row_offset + i) * n,
                 logprobs=0,
                 skip_special_tokens=True,
                 ignore_eos=self._ignore_eos,

@@ -12,11 +12,16 @@ Phases, each one batched ``Engine.generate`` call:
 6. rewards (``atlas_jax.rewards``): Δ = p1 − p0, efficiency bonus, leak check, reward terms.
 Student and teacher engines may be different engines with different tokenizers: student prompts are
 text (tokenised by the student engine), teacher prompts are teacher-token ids.
+
+Shares. In a multi-host run each host rolls out its own share of a step's problems; ``row_offsets(phase,
+count)`` (called once per phase, also when this host has nothing to ask in that phase) returns where this
+host's ``count`` prompts start in the concatenation of every host's prompts of that phase, and each call is
+seeded from there (``SamplingParams.row_offset``), so the shares sample what one call for all would.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from atlas_jax.data.rl import Problem
 from atlas_jax.engines.base import Completion, Engine, SamplingParams
@@ -36,7 +41,13 @@ class TwoPassRollout:
     Holds only the engines, the settings and the per-problem baseline cache.
     """
 
-    def __init__(self, student: Engine, teacher: Engine, settings: RolloutSettings) -> None:
+    def __init__(
+        self,
+        student: Engine,
+        teacher: Engine,
+        settings: RolloutSettings,
+        row_offsets: Callable[[str, int], int] | None = None,
+    ) -> None:
         self.student = student
         self.teacher = teacher
         self.settings = settings
@@ -44,6 +55,7 @@ class TwoPassRollout:
         self.reward_fn = get_reward(settings.reward)
         self.baseline_cache: dict[str, StudentSamples] = {}
         self.num_baseline_calls = 0
+        self.row_offsets = row_offsets or (lambda phase, count: 0)
 
     # -- helpers -------------------------------------------------------------------------------------
     def _seed(self, step: int, phase: int) -> int:
@@ -69,15 +81,19 @@ class TwoPassRollout:
             finish_reasons=[c.finish_reason for c in completions],
         )
 
-    def _student_params(self, step: int, phase: int, *, probe: bool = False) -> SamplingParams:
+    def _student_params(
+        self, step: int, phase: int, *, probe: bool = False, row_offset: int = 0
+    ) -> SamplingParams:
         s = self.settings
         if probe:
             return SamplingParams(
-                temperature=s.probe_temperature, max_tokens=s.max_probe_tokens, seed=self._seed(step, phase)
-            )
+                temperature=s.probe_temperature, max_tokens=s.max_probe_tokens, seed=self._seed(step, phase),
+                row_offset=row_offset,
+            )  # fmt: skip
         return SamplingParams(
-            temperature=s.student_temperature, max_tokens=s.max_student_tokens, seed=self._seed(step, phase)
-        )
+            temperature=s.student_temperature, max_tokens=s.max_student_tokens, seed=self._seed(step, phase),
+            row_offset=row_offset,
+        )  # fmt: skip
 
     # -- phases --------------------------------------------------------------------------------------
     def baselines(self, problems: Sequence[Problem], step: int = 0) -> int:
@@ -87,12 +103,14 @@ class TwoPassRollout:
             if p.id not in self.baseline_cache:
                 todo.setdefault(p.id, p)
         hits = sum(1 for p in problems if p.id not in todo)
+        offset = self.row_offsets("baseline", len(todo))
         if not todo:
             return hits
         pending = list(todo.values())
         tmpl = self.settings.templates.student_baseline
         prompts = [self._student_prompt(tmpl, question=p.question) for p in pending]
-        outs = self.student.generate(prompts, self._student_params(step, _PHASE_BASELINE), n=self.settings.k)
+        params = self._student_params(step, _PHASE_BASELINE, row_offset=offset)
+        outs = self.student.generate(prompts, params, n=self.settings.k)
         self.num_baseline_calls += 1
         for p, prompt, comps in zip(pending, prompts, outs, strict=True):
             self.baseline_cache[p.id] = self._score(prompt, comps, p.answer)
@@ -102,7 +120,10 @@ class TwoPassRollout:
         """One probe per problem (one engine call), capped at ``max_probe_tokens``."""
         tmpl = self.settings.templates.student_probe
         prompts = [self._student_prompt(tmpl, question=p.question) for p in problems]
-        outs = self.student.generate(prompts, self._student_params(step, _PHASE_PROBE, probe=True), n=1)
+        params = self._student_params(
+            step, _PHASE_PROBE, probe=True, row_offset=self.row_offsets("probe", len(prompts))
+        )
+        outs = self.student.generate(prompts, params, n=1)
         return [o[0] for o in outs]
 
     def teacher_prompts(
@@ -146,6 +167,7 @@ class TwoPassRollout:
             top_p=s.teacher_top_p,
             max_tokens=s.max_teaching_tokens,
             seed=self._seed(step, _PHASE_TEACHER),
+            row_offset=self.row_offsets("teacher", len(prompts)),
         )
         teacher_out = self.teacher.generate([ids for _, ids in prompts], teacher_params, n=s.group_size)
 
@@ -160,9 +182,10 @@ class TwoPassRollout:
         # "baseline": an empty teaching is no intervention, its taught samples are the baseline's (no call).
         skip = [s.empty_teaching == "baseline" and not t for group in teachings for t, _ in group]
         asked = [q for q, sk in zip(taught_prompts, skip, strict=True) if not sk]
-        answers = iter(
-            self.student.generate(asked, self._student_params(step, _PHASE_TAUGHT), n=s.m) if asked else []
+        taught_params = self._student_params(
+            step, _PHASE_TAUGHT, row_offset=self.row_offsets("taught", len(asked))
         )
+        answers = iter(self.student.generate(asked, taught_params, n=s.m) if asked else [])
         taught_out = [None if sk else next(answers) for sk in skip]
 
         groups = []

@@ -9,9 +9,9 @@ Per step the timings of each phase are logged (``time/weight_push``; ``time/roll
 rate, lengths), the learner's metrics (loss, KL, clip fraction, entropy, grad norm, sampler-vs-trainer
 log-prob mismatch) and throughput.
 
-Multi-process runs (docs/multihost.md): every host rolls out the same problems with the same seeds (the
-JAX teacher samples on the global mesh; the student runs on each host), so the learner batch is identical
-on every host, which ``distributed.assert_same_on_all_hosts`` checks before each update.
+Multi-process runs (docs/multihost.md): every host rolls out its own share of the step's problems and
+feeds its rows of the global learner batch (``training/host_rollout.py``); metrics, saved episodes and the
+baseline cache are combined across hosts, so the run equals one process with the same global batch.
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from atlas_jax.engines.base import Engine
 from atlas_jax.engines.jax_sampler import JaxSampler
 from atlas_jax.metrics import rollout_metrics
 from atlas_jax.protocol.batch import RolloutBatch
-from atlas_jax.protocol.rollout import TwoPassRollout
-from atlas_jax.training import rl_setup
+from atlas_jax.training import host_rollout, rl_setup
 from atlas_jax.training.grpo import GRPOLearner, GRPOSpec
 from atlas_jax.training.runtime import Policy, make_policy
 from atlas_jax.training.sft import EpochOrder, _maybe_export
@@ -112,7 +111,10 @@ def train_grpo(
     learner = GRPOLearner(policy, spec)
     timer = PhaseTimer()
     timed_student, timed_teacher = _Timed(student), _Timed(teacher)
-    rollout = TwoPassRollout(timed_student, timed_teacher, rl_setup.rollout_settings(config))
+    hosts = host_rollout.HostRollout(
+        timed_student, timed_teacher, rl_setup.rollout_settings(config), policy.mesh,
+        int(g.problems_per_step), int(g.num_generations),
+    )  # fmt: skip
     order = problem_order(train, int(config.seed), bool(config.data.shuffle), policy.data_position)
     writer = MetricsWriter(config.output_dir, tensorboard=bool(lg.tensorboard), resume_step=policy.start_step)
     total = int(g.num_steps)
@@ -127,16 +129,11 @@ def train_grpo(
         timed_student.pop(), timed_teacher.pop()
         t_roll = time.perf_counter()
         with timer("rollout"):
-            batch = rollout.run(problems, step)
+            local, batch = hosts.run(problems, step)  # this host's share; all shares (for metrics)
         phases = phase_times(timed_student.pop(), timed_teacher.pop(), time.perf_counter() - t_roll)
         episodes = batch.episodes
         with timer("update"):
-            arrays = learner.build_batch(
-                [e.teacher_prompt_ids for e in episodes], [e.teacher_completion_ids for e in episodes],
-                [e.teacher_logprobs for e in episodes], batch.rewards(),
-            )  # fmt: skip
-            # Multi-process: the learner device_puts this batch as the global one, so it must be identical.
-            distributed.assert_same_on_all_hosts(arrays, f"the GRPO batch of step {step + 1}")
+            arrays = hosts.learner_batch(learner, local)  # this host's rows of the global batch
             metrics = jax.device_get(learner.update(arrays, step))
         with timer("checkpoint"):
             policy.save(step + 1, data_position=order.position, extra=policy.extra)
@@ -147,6 +144,7 @@ def train_grpo(
         }
         record.update(timer.pop())
         record.update(phases)
+        record.update(hosts.work_metrics())
         record["update_tokens_per_s"] = (
             float(metrics["completion_tokens"]) * int(g.num_iterations) / max(record["time/update"], 1e-9)
         )
@@ -156,7 +154,7 @@ def train_grpo(
             dt, 1e-9
         )
         if (eval_every and (step + 1) % eval_every == 0) or step + 1 == total:
-            record.update(_evaluate(config, rollout, teacher, policy, eval_problems, writer, step + 1))
+            record.update(_evaluate(config, hosts, teacher, policy, eval_problems, writer, step + 1))
         writer.write(step + 1, record)
         bar.set_postfix(reward=f"{record['reward_mean']:.3f}", ndr=f"{record['ndr']:.2f}")
         bar.update(1)
@@ -195,14 +193,15 @@ def push_weights(teacher: Engine, policy: Policy) -> None:
 
 
 def _evaluate(
-    config, rollout: TwoPassRollout, teacher: Engine, policy: Policy, problems, writer, step
+    config, hosts: host_rollout.HostRollout, teacher: Engine, policy: Policy, problems, writer, step
 ) -> dict:
     """Runs the protocol on up to ``eval.num_problems`` held-out problems; logs ``eval/*`` and samples."""
     if not problems:
         return {}
     push_weights(teacher, policy)
     chosen = list(problems)[: int(config.eval.num_problems)]
-    batch = rollout.run(chosen, 10_000_000 + step)  # a step offset disjoint from training seeds
+    # A step offset disjoint from training seeds.
+    _, batch = hosts.run(chosen, 10_000_000 + step, count_work=False)
     writer.write_samples(step, episode_samples(batch, int(config.logging.num_samples)))
     return {f"eval/{k}": v for k, v in rollout_metrics(batch).items()}
 
