@@ -32,6 +32,10 @@ import dataclasses
 import hashlib
 import os
 import pickle
+import socket
+import sys
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -45,6 +49,7 @@ ENV_NUM_PROCESSES = "ATLAS_NUM_PROCESSES"
 ENV_PROCESS_ID = "ATLAS_PROCESS_ID"
 ENV_LOCAL_DEVICE_IDS = "ATLAS_LOCAL_DEVICE_IDS"
 ENV_MODE = "ATLAS_DISTRIBUTED"
+ENV_INIT_TIMEOUT = "ATLAS_INIT_TIMEOUT_S"
 BATCH_AXES = ("data", "fsdp")
 
 Mode = Literal["single", "explicit", "auto"]
@@ -209,7 +214,7 @@ def initialize(
     process_id: int | None = None,
     local_device_ids: Sequence[int] | None = None,
     *,
-    initialization_timeout: int = 300,
+    initialization_timeout: int | None = None,
 ) -> Settings:
     """Joins this process to the multi-host run (a no-op for a single process). Call before any JAX work.
 
@@ -217,18 +222,35 @@ def initialize(
     chose one (``jax_cpu_collectives_implementation``). Calling again after a successful initialisation
     returns the settings without re-initialising.
 
+    ``initialization_timeout`` (default: env ``ATLAS_INIT_TIMEOUT_S``, else 300 s) bounds how long a
+    process waits for the coordinator and for every other process to join.
+
     Returns:
       The resolved `Settings`.
 
     Raises:
       ValueError: incomplete or malformed settings (see `resolve_settings`).
-      RuntimeError: JAX already ran a computation in this process (the backend exists, too late to join).
+      RuntimeError: JAX already ran a computation in this process (the backend exists, too late to join),
+        or the coordinator / the other processes could not be reached within the timeout (the message
+        names the coordinator address).
     """
     settings = resolve_settings(coordinator_address, num_processes, process_id, local_device_ids)
     if settings.mode == "single" or jax.distributed.is_initialized():
         return settings
+    if initialization_timeout is None:
+        raw = os.environ.get(ENV_INIT_TIMEOUT, "").strip() or "300"
+        try:
+            initialization_timeout = int(float(raw))
+        except ValueError:
+            raise ValueError(f"{ENV_INIT_TIMEOUT}={raw!r}: expected a number of seconds") from None
     if jax.config.jax_cpu_collectives_implementation in (None, "none"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if settings.mode == "explicit" and settings.process_id != 0:
+        # jaxlib aborts the process (no Python error) when the coordinator never answers: check first.
+        _wait_for_coordinator(settings, initialization_timeout)
+    watchdog = threading.Timer(initialization_timeout, _warn_not_joined, (settings, initialization_timeout))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         jax.distributed.initialize(
             coordinator_address=settings.coordinator_address,
@@ -247,12 +269,50 @@ def initialize(
                 "atlas_jax.distributed.initialize() must run before any JAX computation in this process "
                 f"(call it first thing in main; settings: {settings.reason}): {e}"
             ) from e
-        raise
+        raise _unreachable(settings, initialization_timeout, e) from e
+    except Exception as e:  # jaxlib raises its own XlaRuntimeError types for a missing coordinator
+        raise _unreachable(settings, initialization_timeout, e) from e
+    finally:
+        watchdog.cancel()
     if settings.num_processes is not None and jax.process_count() != settings.num_processes:
         raise RuntimeError(
             f"joined a run of {jax.process_count()} processes, expected {settings.num_processes} ({settings.reason})"
         )
     return settings
+
+
+def _wait_for_coordinator(settings: Settings, timeout: float) -> None:
+    """Returns once the coordinator's port accepts a TCP connection; RuntimeError after ``timeout`` s."""
+    host, _, port = str(settings.coordinator_address).rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(2.0, max(timeout, 0.1))):
+                return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise _unreachable(settings, int(timeout), e) from e
+            time.sleep(0.5)
+
+
+def _warn_not_joined(settings: Settings, timeout: int) -> None:
+    """Printed when joining takes longer than the timeout (jaxlib then aborts the process)."""
+    print(
+        f"atlas_jax.distributed: process {settings.process_id} waited {timeout} s ({ENV_INIT_TIMEOUT}) for "
+        f"all {settings.num_processes or '?'} processes at coordinator {settings.coordinator_address}; "
+        "a process did not start or cannot reach the coordinator. Stopping.",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _unreachable(settings: Settings, timeout: int, e: Exception) -> RuntimeError:
+    return RuntimeError(
+        f"process {settings.process_id} could not join the run at coordinator "
+        f"{settings.coordinator_address or '(auto-detected)'} within {timeout} s ({ENV_INIT_TIMEOUT}): is "
+        f"process 0 running and the address reachable from here, and did all {settings.num_processes or '?'} "
+        f"processes start? ({type(e).__name__}: {str(e)[:300]})"
+    )
 
 
 def process_index() -> int:

@@ -101,10 +101,20 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.engine = ml_collections.ConfigDict()
     c.engine.teacher = (
-        "jax"  # engine that samples the policy: "jax" (embedded sampler) or "vllm" (in-process)
+        "jax"  # engine sampling the policy: "jax" (embedded), "vllm" (in-process), "vllm_server"
     )
     c.engine.student = "jax"  # engine for the frozen student: "jax", "vllm", "vllm_server" or "openai"
     c.engine.student_url = ""  # comma-separated base URLs when engine.student is "vllm_server" or "openai"
+    c.engine.teacher_url = (
+        ""  # comma-separated atlas-serve --role=teacher URLs (engine.teacher="vllm_server")
+    )
+    c.engine.server_wait_s = (
+        120.0  # seconds to wait for a server's /health at start and for a new weight version
+    )
+    c.engine.weight_transfer = (
+        "http"  # teacher-server push: "http" (safetensors bytes) or "nccl" (GPU broadcast)
+    )
+    c.engine.nccl_address = ""  # "host:port" of the trainer's NCCL rendezvous (weight_transfer="nccl")
 
     c.sft = ml_collections.ConfigDict()
     c.sft.learning_rate = 1e-5  # peak learning rate of the SFT schedule

@@ -82,9 +82,20 @@ def student_engine(config: Any, mesh: Any = None) -> Engine:
 
         return VLLMEngine(path, seed=int(config.seed))
     if kind in ("vllm_server", "openai"):
+        from atlas_jax import distributed
         from atlas_jax.engines.server_client import ServerEngine
+        from atlas_jax.engines.teacher_servers import host_urls, wait_healthy
 
-        return ServerEngine(str(config.engine.student_url).split(","), tokenizer=path or None)
+        # Per-host rollouts: with one server (or more) per host each host asks only its own.
+        urls, _ = host_urls(
+            str(config.engine.student_url).split(","),
+            distributed.process_index(),
+            distributed.process_count(),
+        )
+        engine = ServerEngine(urls, tokenizer=path or None)
+        if kind == "vllm_server":
+            wait_healthy(engine, float(config.engine.server_wait_s), role="student")
+        return engine
     raise ValueError(f"unknown --config.engine.student={kind!r}; choose jax, vllm, vllm_server or openai")
 
 
@@ -108,4 +119,26 @@ def teacher_engine(config: Any, policy: Any) -> Engine:
             policy, Path(config.output_dir) / "vllm_policy", tokenizer_src=tok_path or None
         )
         return VLLMEngine(folder, seed=int(config.seed))
-    raise ValueError(f"unknown --config.engine.teacher={kind!r}; choose jax or vllm")
+    if kind == "vllm_server":
+        return _teacher_servers(config, policy, tokenizer)
+    raise ValueError(f"unknown --config.engine.teacher={kind!r}; choose jax, vllm or vllm_server")
+
+
+def _teacher_servers(config: Any, policy: Any, tokenizer: Any) -> Engine:
+    """``atlas-serve --role=teacher`` servers of this host (see ``engines/teacher_servers.py``)."""
+    from atlas_jax import distributed
+    from atlas_jax.engines.teacher_servers import TeacherServers, host_urls
+
+    e = config.engine
+    urls, owner = host_urls(
+        str(e.teacher_url).split(","), distributed.process_index(), distributed.process_count()
+    )
+    transfer: Any = "http"
+    if str(e.weight_transfer) == "nccl":
+        from atlas_jax.engines.nccl_push import NcclWeightPush
+
+        transfer = NcclWeightPush(urls, str(e.nccl_address), model_config=policy.model_cfg) if owner else None
+    return TeacherServers(
+        urls, owner=owner, model_config=policy.model_cfg, transfer=transfer, wait_s=float(e.server_wait_s),
+        tokenizer=tokenizer,
+    )  # fmt: skip

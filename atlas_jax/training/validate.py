@@ -15,7 +15,7 @@ from atlas_jax.training.losses import AGGREGATIONS
 from atlas_jax.training.optimizer import SCHEDULES
 
 JOBS = ("sft", "grpo", "pipeline")
-TEACHER_ENGINES = ("jax", "vllm")
+TEACHER_ENGINES = ("jax", "vllm", "vllm_server")
 STUDENT_ENGINES = ("jax", "vllm", "vllm_server", "openai")
 REF_UPDATES = ("frozen", "ema")
 
@@ -89,6 +89,7 @@ def _grpo_errors(config: Any, shards: int) -> list[str]:
         e.append(f"--config.engine.student={config.engine.student!r}: choose one of {STUDENT_ENGINES}")
     elif config.engine.student in ("vllm_server", "openai") and not config.engine.student_url:
         e.append(f"--config.engine.student={config.engine.student} needs --config.engine.student_url")
+    e.extend(_server_problems(config.engine))
     from atlas_jax.rewards import REWARDS
 
     if config.reward.name not in REWARDS:
@@ -173,3 +174,22 @@ def validate_config(config: Any, num_devices: int | None = None) -> None:
         errors += _model_errors(config)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def _server_problems(engine) -> list[str]:
+    """Teacher-server settings (``engine.teacher="vllm_server"``)."""
+    e = []
+    if engine.teacher == "vllm_server" and not engine.get("teacher_url", ""):
+        e.append(
+            "--config.engine.teacher=vllm_server needs --config.engine.teacher_url (atlas-serve --role=teacher)"
+        )
+    transfer = engine.get("weight_transfer", "http")
+    if transfer not in ("http", "nccl"):
+        e.append(f"--config.engine.weight_transfer={transfer!r}: choose 'http' or 'nccl'")
+    elif transfer == "nccl" and not engine.get("nccl_address", ""):
+        e.append(
+            "--config.engine.weight_transfer=nccl needs --config.engine.nccl_address (host:port of rank 0)"
+        )
+    if engine.get("server_wait_s", 1.0) <= 0:
+        e.append(f"--config.engine.server_wait_s must be > 0, got {engine.server_wait_s}")
+    return e
