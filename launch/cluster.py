@@ -37,9 +37,7 @@ _SERVER_GPUS = flags.DEFINE_list("server_gpus", [], "CUDA_VISIBLE_DEVICES of eac
 _TRAINER_GPUS = flags.DEFINE_string("trainer_gpus", "", "CUDA_VISIBLE_DEVICES of the trainer processes.")
 _HOST = flags.DEFINE_string("server_host", "127.0.0.1", "Address the servers bind and trainers use.")
 _WAIT = flags.DEFINE_float("wait_s", 300.0, "Seconds to wait for every server's /health.")
-_LOGS = flags.DEFINE_string(
-    "logs", "", "Folder of one log per process (default: <tmp>/atlas-cluster-<pid>)."
-)
+_LOGS = flags.DEFINE_string("logs", "", "Folder of one log per process (default: <tmp>/atlas-cluster-<pid>).")
 _PRINT = flags.DEFINE_bool("print_commands", False, "Print the per-host commands and exit.")
 _HOSTS = flags.DEFINE_list("hosts", [], "--print_commands: trainer hosts (rank 0 first).")
 _PORT = flags.DEFINE_integer("coordinator_port", 0, "Coordinator port on rank 0 (0: a free one).")

@@ -27,6 +27,10 @@ _SEED = flags.DEFINE_integer("seed", 0, "vLLM global seed.")
 _GPU_MEM = flags.DEFINE_float("gpu_memory_utilization", 0.5, "Accelerator memory fraction for vLLM.")
 _MAX_WEIGHTS_MB = flags.DEFINE_integer("max_weights_mb", 4096, "Body limit of /update_weights in MiB.")
 _MAX_JSON_MB = flags.DEFINE_integer("max_json_mb", 16, "Body limit of the other endpoints in MiB.")
+_TRANSFER = flags.DEFINE_enum(
+    "weight_transfer", "http", ["http", "nccl"],
+    "nccl: also accept vLLM NCCL weight transfer from the trainer (GPU; /weight_transfer/*).",
+)  # fmt: skip
 flags.mark_flag_as_required("model")
 
 
@@ -48,6 +52,7 @@ def main(argv: list[str]) -> None:
         max_model_len=_MAX_MODEL_LEN.value,
         seed=_SEED.value,
         gpu_memory_utilization=_GPU_MEM.value,
+        **({"weight_transfer_config": {"backend": "nccl"}} if _TRANSFER.value == "nccl" else {}),
     )
     server_app = create_app(
         engine,

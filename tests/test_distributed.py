@@ -31,7 +31,7 @@ ATLAS_VARS = (
     distributed.ENV_LOCAL_DEVICE_IDS,
     distributed.ENV_MODE,
 )
-TIMEOUT_S = 300
+TIMEOUT_S = 900  # a hang guard only: 2 shared cores at load ~20 compile slowly
 
 
 def _free_port() -> int:
