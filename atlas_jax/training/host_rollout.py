@@ -160,6 +160,20 @@ class _Counted(Engine):
         return out
 
 
+def student_mesh(mesh: Mesh) -> Mesh | None:
+    """The mesh a per-host JAX student samples on: this host's devices (None on one process: the default).
+
+    A student on the global mesh would be one SPMD program over every host, which per-host shares (each
+    host asks different prompts, and skips a phase it has nothing for) cannot drive.
+    """
+    if distributed.process_count() == 1:
+        return None
+    from atlas_jax.models.sharding import make_mesh
+
+    local = [d for d in mesh.devices.flat if d.process_index == distributed.process_index()]
+    return make_mesh((1, len(local), 1), devices=local)
+
+
 def spans_hosts(engine: Any) -> bool:
     """True for an engine that samples on a mesh with devices of several processes (a JAX sampler)."""
     while hasattr(engine, "inner"):
@@ -211,6 +225,11 @@ class HostRollout:
         self.shares = process_shares(mesh, problems_per_step, group_size)
         self.groups = _ShareGroups(self.shares)
         self.multi = distributed.process_count() > 1
+        if self.multi and spans_hosts(student):
+            raise ValueError(
+                "the student engine samples on a mesh over several hosts: per-host rollouts need a student "
+                "per host (build it with host_rollout.student_mesh(mesh))"
+            )
         self.student = _Counted(student)
         if self.multi and spans_hosts(teacher):
             teacher = GlobalTeacher(teacher, self.groups)
