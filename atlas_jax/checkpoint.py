@@ -36,6 +36,8 @@ import orbax.checkpoint as ocp
 PyTree = Any
 _STATE = "state"
 _META = "meta"
+_COMMIT = "commit_success.txt"  # orbax's marker of a finished write (also on local file systems)
+QUARANTINE = "quarantine"  # unreadable or incomplete steps are moved here, never deleted
 
 
 class Checkpointer:
@@ -79,16 +81,23 @@ class Checkpointer:
           Whether a checkpoint was started (False when ``step`` is not due under ``save_every``).
         """
         json.dumps(meta or {})  # Fail here, naming nothing half-written, if meta is not JSON.
-        return self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(dict(meta or {}))}
-            ),
-            force=force,
-        )
+        try:
+            return self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(dict(meta or {}))}
+                ),
+                force=force,
+            )
+        except OSError as e:  # e.g. ENOSPC: orbax leaves only a tmp folder, which is never restored
+            raise OSError(
+                e.errno,
+                f"{self.directory}: checkpoint step {step} was not written ({e}); the complete steps "
+                f"{self.complete_steps()} are intact",
+            ) from e
 
     def _step(self, step: int | None) -> int:
-        steps = self.all_steps()
+        steps = self.complete_steps()
         if step is None:
             if not steps:
                 raise FileNotFoundError(f"{self.directory}: no checkpoint steps found")
@@ -96,6 +105,10 @@ class Checkpointer:
         if step not in steps:
             raise FileNotFoundError(f"{self.directory}: no step {step} (have {steps})")
         return step
+
+    def stored_metadata(self, step: int | None = None) -> PyTree:
+        """The stored state's tree of array metadata (``.shape``, ``.dtype``), read without any array."""
+        return self._manager.item_metadata(self._step(step))[_STATE].tree
 
     def abstract_state(
         self,
@@ -106,7 +119,7 @@ class Checkpointer:
     ) -> PyTree:
         """The stored state as ``jax.ShapeDtypeStruct`` leaves carrying the requested shardings."""
         step = self._step(step)
-        tree = self._manager.item_metadata(step)[_STATE].tree
+        tree = self.stored_metadata(step)
         if shardings is None and mesh is not None:
             shardings = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         if shardings is None:
@@ -160,14 +173,51 @@ class Checkpointer:
         )
 
     def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+        """The newest complete step (see ``complete_steps``), or None."""
+        steps = self.complete_steps()
+        return steps[-1] if steps else None
 
     def all_steps(self) -> list[int]:
+        """Every step folder orbax lists, complete or not."""
         return sorted(self._manager.all_steps())
 
+    def complete_steps(self) -> list[int]:
+        """Steps whose save was committed: orbax writes ``<step>.orbax-checkpoint-tmp-*`` and renames it
+        (never listed), then ``commit_success.txt`` in the step and in each item; a step folder without
+        them (a kill mid-write on a file system without atomic renames) is never restored."""
+        return [s for s in self.all_steps() if _committed(self.directory / str(s))]
+
+    def quarantine(self, step: int, reason: str) -> Path:
+        """Moves step folder ``step`` to ``DIR/quarantine/<step>-<n>`` (kept, never restored or overwritten).
+
+        Returns:
+          Its new path.
+        """
+        src = self.directory / str(step)
+        dest_root = self.directory / QUARANTINE
+        dest_root.mkdir(exist_ok=True)
+        n = 0
+        while (dest := dest_root / f"{step}-{n}").exists():
+            n += 1
+        os.replace(src, dest)
+        (dest / "REASON.txt").write_text(reason + "\n")
+        self._manager.reload()
+        return dest
+
     def wait(self) -> None:
-        """Blocks until pending asynchronous saves are committed."""
-        self._manager.wait_until_finished()
+        """Blocks until pending asynchronous saves are committed.
+
+        Raises:
+          OSError: a background write failed (e.g. a full disk); the message lists the intact steps.
+        """
+        try:
+            self._manager.wait_until_finished()
+        except OSError as e:
+            raise OSError(
+                e.errno,
+                f"{self.directory}: a checkpoint write failed ({e}); the complete steps "
+                f"{self.complete_steps()} are intact",
+            ) from e
 
     def close(self) -> None:
         """Waits for pending saves and releases the manager."""
@@ -178,6 +228,10 @@ class Checkpointer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _committed(step_dir: Path) -> bool:
+    return (step_dir / _COMMIT).is_file() and (step_dir / _STATE / _COMMIT).is_file()
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:

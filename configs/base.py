@@ -180,6 +180,12 @@ def get_config() -> ml_collections.ConfigDict:
     )
     c.checkpoint.export_hf_dir = ""  # when set, export the final policy as an HF folder here (loads in vLLM)
 
+    c.reliability = ml_collections.ConfigDict()  # docs/reliability.md
+    c.reliability.handle_signals = True  # SIGTERM/SIGINT: finish the step, checkpoint, exit 0 (then resume)
+    c.reliability.max_nonfinite_steps = (
+        3  # stop after this many skipped (NaN/inf loss) steps in a row; 0 = never
+    )
+
     c.logging = ml_collections.ConfigDict()
     c.logging.every_steps = 1  # steps between metric records
     c.logging.tensorboard = True  # write TensorBoard event files to output_dir/tensorboard

@@ -4,7 +4,8 @@
     atlas-serve --model=HF_DIR --role=teacher --token=$ATLAS_SERVER_TOKEN
 
 Binds 127.0.0.1 unless --host says otherwise. Weight updates and cache resets need the shared
-token (--token or env ATLAS_SERVER_TOKEN); a server without one refuses them. Endpoints: see
+token (--token or env ATLAS_SERVER_TOKEN); a server without one refuses them. Path-based weight
+updates must name a folder inside --weights_root (none: refused). See docs/reliability.md. Endpoints: see
 ``atlas_jax/engines/server_app.py``.
 """
 
@@ -31,6 +32,10 @@ _TRANSFER = flags.DEFINE_enum(
     "weight_transfer", "http", ["http", "nccl"],
     "nccl: also accept vLLM NCCL weight transfer from the trainer (GPU; /weight_transfer/*).",
 )  # fmt: skip
+_WEIGHTS_ROOT = flags.DEFINE_string(
+    "weights_root", None, "Folder that path-based weight updates must lie in (default: path updates refused)."
+)
+_MAX_INFLIGHT = flags.DEFINE_integer("max_inflight", 64, "Requests served at once; more get 503.")
 flags.mark_flag_as_required("model")
 
 
@@ -60,6 +65,8 @@ def main(argv: list[str]) -> None:
         token=token,
         max_weights_bytes=_MAX_WEIGHTS_MB.value * MiB,
         max_json_bytes=_MAX_JSON_MB.value * MiB,
+        weights_root=_WEIGHTS_ROOT.value,
+        max_inflight=_MAX_INFLIGHT.value,
     )
     try:
         uvicorn.run(server_app, host=_HOST.value, port=_PORT.value, log_level="warning")

@@ -55,7 +55,10 @@ def served(tmp_path_factory):
 
     d = make_hf_dir(tmp_path_factory.mktemp("model"), tied=True)
     engine = VLLMEngine(d, max_model_len=256)
-    app = create_app(engine, role="teacher", token=TOKEN, max_weights_bytes=1 << 20, max_json_bytes=64 << 10)
+    app = create_app(
+        engine, role="teacher", token=TOKEN, max_weights_bytes=1 << 20, max_json_bytes=64 << 10,
+        weights_root=str(tmp_path_factory.getbasetemp()),  # every test's tmp_path lies inside
+    )  # fmt: skip
     server = ThreadServer(app)
     yield engine, server, HFReference(d), d
     server.stop()

@@ -57,5 +57,8 @@ def request_json(
             continue
         if r.status_code >= 400:
             raise error(f"{method} {url} failed: HTTP {r.status_code}: {detail(r)}")
-        return r.json()
+        try:
+            return r.json()
+        except ValueError as e:  # a proxy's HTML page, a truncated body, another service on the port
+            raise error(f"{method} {url}: the answer is not JSON ({e}): {r.text[:200]!r}") from e
     raise error(exhausted(retries + 1, time.monotonic() - start, last))

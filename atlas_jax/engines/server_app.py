@@ -16,9 +16,11 @@ Endpoints (JSON unless noted):
   ``OpenAIEngine`` and other clients); ``"return_tokens_as_token_ids": true`` makes logprob tokens
   ``"token_id:<id>"`` as vLLM's server does (``server_openai``).
 
-Security: mutating endpoints need ``Authorization: Bearer <token>``; without a header the answer is
-401, with a wrong token 403 (compared in constant time), and a server started without a token
-refuses them all (403). Bodies above the limits get 413 before they are read in full.
+Security (docs/reliability.md): mutating endpoints need ``Authorization: Bearer <token>``; without a
+header the answer is 401, with a wrong token 403 (compared in constant time), and a server started
+without a token refuses them all (403). Bodies above the limits get 413 before they are read in full;
+more than ``max_inflight`` requests at once get 503; a path-based update must lie inside
+``weights_root`` (``server_guards``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pydantic import BaseModel, Field
 
 from atlas_jax.engines import weight_sync
 from atlas_jax.engines.base import Completion, SamplingParams
+from atlas_jax.engines.server_guards import ConcurrencyLimit, json_object, resolve_weights_path
 from atlas_jax.engines.server_openai import add_openai_routes
 from converters.mapping import MappingError
 
@@ -150,6 +153,10 @@ def create_app(
     max_weights_bytes: int = 4096 * MiB,
     max_json_bytes: int = 16 * MiB,
     model_name: str = "atlas",
+    weights_root: str | None = None,
+    max_inflight: int = 64,
+    max_sequences: int = 4096,
+    max_new_tokens: int = 32768,
 ) -> FastAPI:
     """Builds the app around ``engine`` (a ``VLLMEngine`` or any engine with the same weight methods).
 
@@ -161,6 +168,10 @@ def create_app(
       max_weights_bytes: body limit of /update_weights.
       max_json_bytes: body limit of every other endpoint.
       model_name: the ``model`` field of OpenAI-style answers.
+      weights_root: ``/update_weights {"path"}`` may only name folders inside it (None: path updates refused).
+      max_inflight: requests served at once; more get 503 (``server_guards.ConcurrencyLimit``).
+      max_sequences: most ``len(prompts) * n`` completions one request may ask for (else 422).
+      max_new_tokens: largest ``max_tokens`` a request may ask for (else 422).
     """
     if role not in ("teacher", "student"):
         raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
@@ -187,6 +198,10 @@ def create_app(
             raise HTTPException(403, "invalid token")
 
     def run_generate(prompts: Sequence[Any], params: SamplingParams, n: int) -> list[list[Completion]]:
+        if len(prompts) * n > max_sequences or params.max_tokens > max_new_tokens:
+            raise HTTPException(
+                422, f"at most {max_sequences} completions (prompts x n) and max_tokens <= {max_new_tokens}"
+            )
         try:
             with lock:
                 return engine.generate(prompts, params, n)
@@ -224,7 +239,7 @@ def create_app(
         kind = request.headers.get("content-type", "").split(";")[0].strip()
         try:
             if kind == "application/json":
-                path = _json_field(body, "path")
+                path = resolve_weights_path(json_object(body).get("path"), weights_root)
                 loaded = await run_in_threadpool(locked, engine.load_hf_dir, path)
             elif kind == "application/octet-stream":
                 tensors = await run_in_threadpool(weight_sync.deserialize, body)
@@ -245,30 +260,24 @@ def create_app(
             engine.reset_prefix_cache()
         return {"ok": True}
 
-    @app.post("/weight_transfer/init")
-    async def weight_transfer_init(request: Request) -> dict[str, Any]:
-        authorize(request)
-        info = await request.json()
-        await run_in_threadpool(locked, nccl.init, info)
-        return {"ok": True}
+    if hasattr(engine, "collective_rpc"):  # only engines with workers to drive (vLLM)
 
-    @app.post("/weight_transfer/update")
-    async def weight_transfer_update(request: Request) -> dict[str, Any]:
-        authorize(request)
-        info = await request.json()
-        await run_in_threadpool(locked, nccl.update, info)
-        state["weight_version"] += 1
-        return {"ok": True, "weight_version": state["weight_version"]}
+        @app.post("/weight_transfer/init")
+        async def weight_transfer_init(request: Request) -> dict[str, Any]:
+            authorize(request)
+            info = json_object(await request.body())
+            await run_in_threadpool(locked, nccl.init, info)
+            return {"ok": True}
+
+        @app.post("/weight_transfer/update")
+        async def weight_transfer_update(request: Request) -> dict[str, Any]:
+            authorize(request)
+            info = json_object(await request.body())
+            await run_in_threadpool(locked, nccl.update, info)
+            state["weight_version"] += 1
+            return {"ok": True, "weight_version": state["weight_version"]}
 
     add_openai_routes(app, run_generate, sampling, engine, model_name)
     app.add_middleware(BodyLimit, limits={"/update_weights": max_weights_bytes}, default=max_json_bytes)
+    app.add_middleware(ConcurrencyLimit, max_inflight=max_inflight)  # outermost: rejects before reading
     return app
-
-
-def _json_field(body: bytes, field: str) -> Any:
-    import json
-
-    try:
-        return json.loads(body)[field]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"expected a JSON object with a {field!r} field: {e}") from e

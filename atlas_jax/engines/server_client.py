@@ -144,7 +144,7 @@ class ServerEngine(Engine):
                 "seed": None if params.seed is None else params.seed + (params.row_offset + lo) * n,
             }
             out = self._request(url, "POST", "/generate", json=body)
-            return [[Completion(**c) for c in group] for group in out["completions"]]
+            return _completions(out, url, hi - lo, n)
 
         with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
             parts = list(pool.map(run, jobs))
@@ -189,6 +189,24 @@ class ServerEngine(Engine):
 
     def close(self) -> None:
         self._client.close()
+
+
+def _completions(out: Any, url: str, num_prompts: int, n: int) -> list[list[Completion]]:
+    """``/generate``'s answer as completions; a ``ServerError`` naming ``url`` if it is malformed."""
+    try:
+        groups = [[Completion(**c) for c in group] for group in out["completions"]]
+        ok = len(groups) == num_prompts and all(len(g) == n for g in groups)
+        ok = ok and all(len(c.token_ids) == len(c.logprobs) for g in groups for c in g)
+    except (KeyError, TypeError) as e:
+        raise ServerError(
+            f"server {url} returned a malformed /generate answer ({type(e).__name__}: {e})"
+        ) from e
+    if not ok:
+        raise ServerError(
+            f"server {url} returned a malformed /generate answer: expected {num_prompts} groups of {n} "
+            "completions with one logprob per token"
+        )
+    return groups
 
 
 def _detail(r: httpx.Response) -> str:

@@ -20,7 +20,9 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
+from atlas_jax import distributed
 from atlas_jax.checkpoint import Checkpointer
 from atlas_jax.training.train_step import TrainState
 
@@ -46,6 +48,15 @@ class TrainCheckpointer:
         )
         self._every = every_steps
         self._last_saved: int | None = None
+        if (
+            distributed.is_main_process()
+        ):  # a kill mid-write left a step folder: keep it aside, never restore it
+            for step in sorted(set(self._ckpt.all_steps()) - set(self._ckpt.complete_steps())):
+                where = self._ckpt.quarantine(step, "incomplete: no orbax commit_success.txt")
+                logging.warning(
+                    "checkpoint step %d is incomplete (no commit marker): moved to %s", step, where
+                )
+        distributed.sync("atlas_jax.ckpt_scan")
 
     def latest_step(self) -> int | None:
         return self._ckpt.latest_step()
@@ -100,26 +111,70 @@ class TrainCheckpointer:
             "rng": template.step.sharding,
             **{k: jax.tree.map(lambda x: x.sharding, v) for k, v in extra.items()},
         }
-        try:
-            tree = self._ckpt.restore(shardings=shardings)
-        except ValueError as e:
-            raise ValueError(
-                f"{self.directory}: checkpoint does not match this model/optimiser (use a new "
-                f"--config.output_dir or --config.checkpoint.resume=False): {e}"
-            ) from e
-        missing = sorted(set(template.params) ^ set(tree["params"]))
-        if missing or len(tree["opt"]) != len(leaves):
-            raise ValueError(
-                f"{self.directory}: checkpoint params/optimiser differ from this run ({missing[:5]})"
-            )
+        tree = self._restore_newest_readable(template, len(leaves), shardings)
         opt = jax.tree.unflatten(treedef, [tree["opt"][_leaf_key(i)] for i in range(len(leaves))])
         state = TrainState(step=tree["step"], params=tree["params"], opt_state=opt)
         rng = jax.random.wrap_key_data(np.asarray(tree["rng"]), impl=jax.random.key_impl(rng_template))
         meta = self._ckpt.restore_meta()
         return state, rng, {k: tree[k] for k in extra}, meta
 
+    def _restore_newest_readable(self, template: TrainState, num_opt: int, shardings: dict) -> dict:
+        """The newest complete step that matches ``template`` and reads; unreadable ones are quarantined.
+
+        A step from another model (names/shapes differ) raises; a step whose files cannot be read
+        (corrupted, truncated) is moved to ``quarantine/`` with a warning and the next older one is tried.
+        """
+        while (step := self._ckpt.latest_step()) is not None:
+            try:
+                stored = self._ckpt.stored_metadata(step)
+            except Exception as e:
+                self._set_aside(step, e)
+                continue
+            _check_matches(self.directory / str(step), template, num_opt, stored, set(shardings))
+            try:
+                return self._ckpt.restore(step, shardings=shardings)
+            except Exception as e:
+                self._set_aside(step, e)
+        raise FileNotFoundError(f"{self.directory}: no readable checkpoint step left (see quarantine/)")
+
+    def _set_aside(self, step: int, error: BaseException) -> None:
+        reason = f"unreadable: {type(error).__name__}: {str(error)[:500]}"
+        if distributed.is_main_process():
+            where = self._ckpt.quarantine(step, reason)
+        else:
+            where = self.directory / "quarantine"
+        distributed.sync(f"atlas_jax.ckpt_quarantine_{step}")
+        if not distributed.is_main_process():
+            self._ckpt._manager.reload()
+        logging.warning("checkpoint step %d %s; moved to %s, trying the previous step", step, reason, where)
+
     def wait(self) -> None:
         self._ckpt.wait()
 
     def close(self) -> None:
         self._ckpt.close()
+
+
+def _check_matches(where: Path, template: TrainState, num_opt: int, stored: dict, trees: set[str]) -> None:
+    """Raises ``ValueError`` naming the first tree/param whose name or shape differs (another model config)."""
+    hint = "use a new --config.output_dir, or --config.checkpoint.resume=False to start over"
+    if set(stored) != trees:
+        raise ValueError(
+            f"{where}: checkpoint holds {sorted(stored)}, this run expects {sorted(trees)} (another config, "
+            f"e.g. grpo.beta / ref_update; {hint})"
+        )
+    params = stored.get("params", {})
+    names = sorted(set(template.params) ^ set(params))
+    if names:
+        raise ValueError(f"{where}: checkpoint from another model config: params {names[:5]} differ ({hint})")
+    for k, v in template.params.items():
+        if tuple(params[k].shape) != tuple(v.shape):
+            raise ValueError(
+                f"{where}: checkpoint from another model config: {k} has shape {tuple(params[k].shape)}, "
+                f"this run {tuple(v.shape)} ({hint})"
+            )
+    if len(stored.get("opt", {})) != num_opt:
+        raise ValueError(
+            f"{where}: checkpoint from another optimiser: {len(stored.get('opt', {}))} state leaves, this run "
+            f"{num_opt} ({hint})"
+        )

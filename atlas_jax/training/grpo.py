@@ -197,6 +197,7 @@ def summarize(per_iter: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
         "logprob_mismatch_abs": first["mismatch_abs"] / tokens,
         "logprob_mismatch_kl": first["mismatch_kl"] / tokens,
         "completion_tokens": first["tokens"],
+        "skipped": sum(m["skipped"] for m in per_iter),  # updates left out for a non-finite loss
     }
 
 

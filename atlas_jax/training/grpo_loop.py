@@ -30,6 +30,8 @@ from atlas_jax.metrics import rollout_metrics
 from atlas_jax.protocol.batch import RolloutBatch
 from atlas_jax.training import host_rollout, rl_setup
 from atlas_jax.training.grpo import GRPOLearner, GRPOSpec
+from atlas_jax.training.nan_guard import NonFiniteMonitor
+from atlas_jax.training.preemption import StopSignal
 from atlas_jax.training.runtime import Policy, make_policy
 from atlas_jax.training.sft import EpochOrder, _maybe_export
 from atlas_jax.training.writers import MetricsWriter, PhaseTimer, progress_bar
@@ -121,6 +123,8 @@ def train_grpo(
     bar = progress_bar(total, policy.start_step, "grpo", bool(lg.progress_bar))
     eval_every = int(config.eval.every_steps)
     end, stop_after = total, int(config.checkpoint.stop_after_steps)
+    monitor = NonFiniteMonitor(int(config.reliability.max_nonfinite_steps))  # training/nan_guard.py
+    stop = StopSignal(enabled=bool(config.reliability.handle_signals)).install()  # training/preemption.py
     for step in range(policy.start_step, total):
         t0 = time.perf_counter()
         with timer("weight_push"):
@@ -135,8 +139,10 @@ def train_grpo(
         with timer("update"):
             arrays = hosts.learner_batch(learner, local)  # this host's rows of the global batch
             metrics = jax.device_get(learner.update(arrays, step))
+        skipped = monitor.observe(step + 1, metrics)  # raises after max_nonfinite_steps in a row
         with timer("checkpoint"):
-            policy.save(step + 1, data_position=order.position, extra=policy.extra)
+            if not skipped:  # a step whose update was skipped is never checkpointed
+                policy.save(step + 1, data_position=order.position, extra=policy.extra)
         record = {
             **rollout_metrics(batch),
             **metrics,
@@ -158,9 +164,10 @@ def train_grpo(
         writer.write(step + 1, record)
         bar.set_postfix(reward=f"{record['reward_mean']:.3f}", ndr=f"{record['ndr']:.2f}")
         bar.update(1)
-        if stop_after and step + 1 - policy.start_step >= stop_after:
+        if (stop_after and step + 1 - policy.start_step >= stop_after) or stop.should_stop():
             end = step + 1
             break
+    stop.close()
     policy.save(end, data_position=order.position, extra=policy.extra, force=True)
     policy.ckpt.wait()
     bar.close()

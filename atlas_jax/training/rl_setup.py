@@ -12,6 +12,7 @@ from atlas_jax.engines.base import Engine
 from atlas_jax.protocol.batch import RolloutSettings
 from atlas_jax.protocol.templates import Templates
 from atlas_jax.rewards import RewardParams
+from atlas_jax.training.input_checks import check_teacher_tokenizer
 
 # config.protocol field -> Templates field (empty config value = the built-in template).
 _TEMPLATE_FIELDS = {
@@ -104,6 +105,13 @@ def teacher_engine(config: Any, policy: Any) -> Engine:
     kind = str(config.engine.teacher)
     tok_path = config.model.tokenizer or config.model.teacher
     tokenizer = load_tokenizer(tok_path) if tok_path else None
+    check_teacher_tokenizer(  # training/input_checks.py
+        tokenizer,
+        policy.model_cfg.vocab_size,
+        source=tok_path,
+        teacher=config.model.teacher,
+        load=load_tokenizer,
+    )
     if kind == "jax":
         from atlas_jax.engines.jax_sampler import JaxSampler
         from atlas_jax.training.train_step import merge_model

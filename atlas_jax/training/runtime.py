@@ -170,6 +170,7 @@ def make_policy(
       model_cfg: use this architecture instead of the one named by the config (random init unless a
         path is given); dtypes and remat still come from ``config.model``.
     """
+    check_writable(config.output_dir)
     mesh = mesh_from_config(config)
     path = config.model.teacher if init_path is None else init_path
     if model_cfg is not None:
@@ -203,6 +204,22 @@ def make_policy(
         state, rng, extra, meta = ckpt.restore(state, rng, extra=extra)
         start, position = int(meta["step"]), dict(meta.get("data", {}))
     return Policy(mesh, cfg, graphdef, rest, tx, schedule, state, rng, ckpt, start, position, extra, out)
+
+
+def check_writable(output_dir: str) -> None:
+    """Creates ``output_dir`` and writes a probe file, before any model is built.
+
+    Raises:
+      PermissionError: naming ``--config.output_dir`` when the folder cannot be created or written.
+    """
+    out = Path(output_dir)
+    probe = out / f".write_probe_{distributed.process_index()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"--config.output_dir={output_dir}: cannot write there ({e})") from e
 
 
 def export_policy_hf(

@@ -21,6 +21,8 @@ from atlas_jax import distributed
 from atlas_jax.training import batching, train_step
 from atlas_jax.training.logprobs import sequence_logprobs
 from atlas_jax.training.losses import sft_loss
+from atlas_jax.training.nan_guard import NonFiniteMonitor
+from atlas_jax.training.preemption import StopSignal
 from atlas_jax.training.runtime import Policy, export_policy_hf, make_policy
 from atlas_jax.training.writers import MetricsWriter, PhaseTimer, progress_bar
 
@@ -200,6 +202,9 @@ def train_sft(
     eval_every = int(sc.eval_every)
     t_last = time.perf_counter()
     end, stop_after = total, int(config.checkpoint.stop_after_steps)
+    rel = config.reliability
+    monitor = NonFiniteMonitor(int(rel.max_nonfinite_steps))
+    stop = StopSignal(enabled=bool(rel.handle_signals)).install()
     for step in range(policy.start_step, total):
         with timer("data"):
             arrays = _arrays(
@@ -210,7 +215,7 @@ def train_sft(
             policy.state, metrics = step_fn(policy.state, distributed.shard_global_batch(arrays, policy.mesh))
         # Metrics of step s are fetched after step s+1 is dispatched: the host never waits on the device.
         if pending is not None:
-            _log(writer, *pending)
+            _log(writer, *pending, monitor=monitor)
         now = time.perf_counter()
         info = {"lr": float(policy.schedule(step)), "time/step": now - t_last, **timer.pop()}
         info["tokens_per_s"] = float(arrays["attention_mask"].sum()) / max(now - t_last, 1e-9)
@@ -220,14 +225,15 @@ def train_sft(
             pending[2].update(evaluate(policy, eval_fn, eval_examples, config, pad_id))
         policy.save(step + 1, data_position=order.position)
         bar.update(1)
-        if stop_after and step + 1 - policy.start_step >= stop_after:
+        if (stop_after and step + 1 - policy.start_step >= stop_after) or stop.should_stop():
             end = step + 1
             break
+    stop.close()
     finished = end == total
     if pending is not None:
         if finished and eval_examples and not (eval_every and pending[0] % eval_every == 0):
             pending[2].update(evaluate(policy, eval_fn, eval_examples, config, pad_id))
-        _log(writer, *pending)
+        _log(writer, *pending, monitor=monitor)
     policy.save(end, data_position=order.position, force=True)
     policy.ckpt.wait()
     bar.close()
@@ -237,9 +243,11 @@ def train_sft(
     return policy
 
 
-def _log(writer: MetricsWriter, step: int, metrics: Any, info: dict) -> None:
+def _log(writer: MetricsWriter, step: int, metrics: Any, info: dict, monitor: NonFiniteMonitor) -> None:
     m = jax.device_get(metrics)
-    writer.write(step, {"loss": m["loss"], "grad_norm": m["grad_norm"], "tokens": m["tokens"], **info})
+    keys = ("loss", "grad_norm", "tokens", "skipped")
+    writer.write(step, {**{k: m[k] for k in keys}, **info})
+    monitor.observe(step, m)  # after the record is written: the skipped step shows in metrics.jsonl
 
 
 def _maybe_export(config: Any, policy: Policy) -> None:

@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from atlas_jax.models import params as params_lib
+from atlas_jax.training.nan_guard import keep_if_finite
 
 Batch = dict[str, jax.Array]
 # loss_fn(model, micro_batch) -> (loss_sum, denominator, {name: sum}) — see training/losses.py.
@@ -133,7 +134,8 @@ def make_train_step(
     """Builds ``step(state, batch) -> (new_state, metrics)``, jitted with explicit shardings.
 
     ``state`` is donated (its buffers are reused for the new state). ``metrics`` holds ``loss``
-    (``Σs / Σd``), ``denominator``, ``grad_norm`` (before clipping) and every aux sum from ``loss_fn``
+    (``Σs / Σd``), ``denominator``, ``grad_norm`` (before clipping), ``skipped`` (1 when a non-finite
+    loss/gradient left the state unchanged, ``nan_guard.keep_if_finite``) and every aux sum from ``loss_fn``
     under its own name; the host reads them one step late so dispatch never waits on the device.
     """
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -145,7 +147,10 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": s / d_safe, "denominator": d, "grad_norm": optax.global_norm(grads), **aux}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        # A non-finite loss or gradient leaves the whole state as it was (training/nan_guard.py).
+        new, metrics["skipped"] = keep_if_finite(new, state, metrics["loss"], metrics["grad_norm"])
+        return new, metrics
 
     return jax.jit(
         step,
