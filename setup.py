@@ -34,7 +34,8 @@ EXTRAS = {
     "gpu": ["vllm", "jax[cuda12]"],
     "tpu": ["jax[tpu]"],
     "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
-    "test": ["pytest>=8", "ruff>=0.6", "fastapi>=0.110", "uvicorn>=0.29"],
+    # schemathesis: the HTTP API fuzz test (tests/test_server_fuzz.py); psutil: bench/soak.py.
+    "test": ["pytest>=8", "ruff>=0.6", "fastapi>=0.110", "uvicorn>=0.29", "schemathesis>=4.0", "psutil>=5.9"],
 }
 
 setup(
