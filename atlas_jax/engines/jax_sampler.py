@@ -140,11 +140,13 @@ def _prefill_impl(
 
 def _decode_impl(graphdef, counts, params, st: DecodeState, limit, max_tokens, stop_ids, *, strategy):
     counts["decode"] += 1  # rows keep the sharding prefill gave them
-    model = nnx.merge(graphdef, params)
     b = st.tokens.shape[0]
     ones = jnp.ones((b, 1), jnp.int32)
 
     def body(st: DecodeState) -> DecodeState:
+        # Merged here with fresh Variables (copy=True; no array copies under jit): NNX transforms inside the
+        # model (``nnx.remat`` layers, model.remat=True) refuse Variables made at an outer trace level.
+        model = nnx.merge(graphdef, params, copy=True)
         last = jax.lax.dynamic_slice_in_dim(st.tokens, st.step - 1, 1, axis=1)
         hidden, cache = model.hidden_states(last, st.positions[:, None], ones, st.cache)
         tok, lp = strategy.sample(model.unembed(hidden)[:, 0], _uniforms(st.keys, st.step))
