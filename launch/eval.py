@@ -72,6 +72,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None:
         raise app.UsageError("--config=configs/run/<name>.py is required")
+    from atlas_jax.training.engine_setup import apply_jax_memory_config
+
+    apply_jax_memory_config(_CONFIG.value)  # before JAX starts (see launch.train)
     evaluate(_CONFIG.value)
 
 

@@ -41,6 +41,11 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None:
         raise app.UsageError("--config=configs/run/<name>.py is required")
+    # JAX's memory share beside in-process vLLM engines (--config.engine.jax_memory_fraction): read by
+    # XLA when its backend starts, so it is set before JAX is imported.
+    from atlas_jax.training.engine_setup import apply_jax_memory_config
+
+    apply_jax_memory_config(_CONFIG.value)
     # Joins a multi-process run when ATLAS_COORDINATOR/... (or SLURM/TPU pod settings) say so; a
     # no-op for a single process. Must run before anything touches a JAX device.
     from atlas_jax import distributed

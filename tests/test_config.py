@@ -24,15 +24,20 @@ def _teacher_folder(tmp_path, monkeypatch):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(get_preset("qwen3_8b").to_hf()))
     monkeypatch.setattr(sys.modules[__name__], "TEACHER", str(folder))
+    student = tmp_path / "qwen3_4b"
+    student.mkdir()
+    (student / "config.json").write_text(json.dumps(get_preset("qwen3_4b").to_hf()))
+    monkeypatch.setattr(sys.modules[__name__], "STUDENT", str(student))
 
 
 TEACHER = ""
+STUDENT = ""
 
 
 def _grpo():
     c = teacher_rcl.get_config()
     c.model.teacher = TEACHER
-    c.model.student = "/models/student"
+    c.model.student = STUDENT
     c.data.rl_path = "/data/rl.jsonl"
     return c
 

@@ -2,7 +2,8 @@
 
 Kinds: "jax" (``JaxSampler``, the embedded default), "vllm" (``VLLMEngine``, in-process),
 "vllm_server" (``ServerEngine``, remote ``launch.serve``), "openai" (``OpenAIEngine``). Imports are lazy so
-that a run without vLLM never imports it.
+that a run without vLLM never imports it. A run builds its engines from the config in one place,
+``atlas_jax.training.engine_setup`` (``rl_setup.student_engine`` / ``teacher_engine``), through this registry.
 """
 
 from __future__ import annotations

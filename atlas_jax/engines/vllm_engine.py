@@ -46,6 +46,9 @@ class VLLMEngine(Engine):
       gpu_memory_utilization: fraction of accelerator memory vLLM may take (ignored on CPU, where the
         KV cache size comes from ``VLLM_CPU_KVCACHE_SPACE`` GiB, default 1).
       enforce_eager: skip graph capture (faster start; required on CPU here).
+      tensor_parallel_size: devices the model is split over. 1 runs vLLM's worker in this process (the
+        "uni" executor, needed by ``update_weights``); more start vLLM's worker processes ("mp"), for a
+        frozen student (weight pushes then need vLLM's NCCL transfer, see ``server_app``).
       ignore_eos: never stop at EOS (benchmarks: every completion runs to ``max_tokens``).
       llm_kwargs: passed through to ``vllm.LLM``.
 
@@ -62,6 +65,7 @@ class VLLMEngine(Engine):
         seed: int = 0,
         gpu_memory_utilization: float = 0.5,
         enforce_eager: bool = True,
+        tensor_parallel_size: int = 1,
         ignore_eos: bool = False,
         **llm_kwargs: Any,
     ) -> None:
@@ -91,7 +95,8 @@ class VLLMEngine(Engine):
             seed=seed,
             gpu_memory_utilization=gpu_memory_utilization,
             enforce_eager=enforce_eager,
-            distributed_executor_backend="uni",
+            tensor_parallel_size=tensor_parallel_size,
+            distributed_executor_backend="uni" if tensor_parallel_size == 1 else "mp",
             logprobs_mode="processed_logprobs",
             **llm_kwargs,
         )

@@ -133,16 +133,98 @@ def _model_errors(config: Any) -> list[str]:
         return [f"--config.model.teacher / teacher_preset: {e}"]
     ctx, e = cfg.max_position_embeddings, []
     p = config.protocol
-    if config.job == "grpo" and p.max_prompt_tokens + p.max_teaching_tokens > ctx:
+    teacher_len = p.max_prompt_tokens + p.max_teaching_tokens
+    if config.job == "grpo" and teacher_len > ctx:
         e.append(
-            f"--config.protocol.max_prompt_tokens + max_teaching_tokens = {p.max_prompt_tokens + p.max_teaching_tokens} "
+            f"--config.protocol.max_prompt_tokens + max_teaching_tokens = {teacher_len} "
             f"exceeds the teacher's context ({ctx} positions): lower them"
+        )
+    max_len = config.engine.max_model_len
+    if config.job == "grpo" and config.engine.teacher == "vllm" and 0 < max_len < teacher_len:
+        e.append(
+            f"--config.protocol.max_prompt_tokens + max_teaching_tokens = {teacher_len} "
+            f"exceeds --config.engine.max_model_len={max_len} (the vLLM teacher's context)"
         )
     if config.job == "sft" and config.sft.max_length > ctx:
         e.append(
             f"--config.sft.max_length={config.sft.max_length} exceeds the teacher's context ({ctx} positions)"
         )
     return e
+
+
+VLLM_DTYPES = ("auto", "bfloat16", "float16", "float32")
+STUDENT_APIS = ("completions", "chat")
+
+
+def _engine_errors(config: Any) -> list[str]:
+    """``config.engine``: values in range, and JAX's memory share beside in-process vLLM engines."""
+    from atlas_jax.engines.memory import jax_memory_env
+
+    e, errs = config.engine, []
+    if e.dtype not in VLLM_DTYPES:
+        errs.append(f"--config.engine.dtype={e.dtype!r}: choose one of {VLLM_DTYPES}")
+    if not 0 < e.gpu_memory_utilization <= 1:
+        errs.append(f"--config.engine.gpu_memory_utilization={e.gpu_memory_utilization} must be in (0, 1]")
+    for name, low in (("tensor_parallel_size", 1), ("jax_max_rows", 1), ("concurrency", 1), ("retries", 0),
+                      ("max_model_len", 0)):  # fmt: skip
+        if e[name] < low:
+            errs.append(f"--config.engine.{name} must be >= {low}, got {e[name]}")
+    if e.timeout_s <= 0:
+        errs.append(f"--config.engine.timeout_s={e.timeout_s} must be > 0")
+    if e.student_api not in STUDENT_APIS:
+        errs.append(f"--config.engine.student_api={e.student_api!r}: choose one of {STUDENT_APIS}")
+    if e.student == "openai" and len([u for u in str(e.student_url).split(",") if u.strip()]) > 1:
+        errs.append("--config.engine.student=openai takes one URL in --config.engine.student_url")
+    shares = [float(e.gpu_memory_utilization) for kind in (e.student, e.teacher) if kind == "vllm"]
+    try:
+        jax_memory_env(float(e.jax_memory_fraction), bool(e.jax_preallocate), shares)
+    except ValueError as err:
+        errs.append(str(err))
+    return errs
+
+
+def _tokenizer_or_none(path: str) -> Any:
+    """The folder's tokenizer; None when it has none (template sizes are then bounded by their bytes)."""
+    from atlas_jax.training.engine_setup import load_tokenizer
+
+    try:
+        return load_tokenizer(path)
+    except (OSError, ValueError):
+        return None
+
+
+def _student_errors(config: Any) -> list[str]:
+    """The student's longest protocol sequence must fit its model and ``engine.max_model_len``."""
+    from pathlib import Path
+
+    from atlas_jax.training import engine_setup
+    from atlas_jax.training.runtime import model_config
+
+    path, preset, kind = str(config.model.student), str(config.model.student_preset), config.engine.student
+    local = bool(path) and Path(path).is_dir()
+    if kind in ("jax", "vllm") and path and not local:
+        return [f"--config.model.student={path}: no such folder (engine.student={kind} loads it locally)"]
+    if not (local or (preset and kind == "jax")):
+        return []  # a served model: the server holds the limits
+    try:
+        cfg = model_config(path if local else "", preset, model_section=config.model)
+        tok = _tokenizer_or_none(path) if local else None
+        need = engine_setup.required_context(config, "student", tok)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        return [f"--config.model.student / student_preset: {err}"]
+    p, errs = config.protocol, []
+    what = (
+        f"the student's longest prompt + answer (max_prompt_tokens={p.max_prompt_tokens} + max_teaching_tokens="
+        f"{p.max_teaching_tokens} + max_student_tokens={p.max_student_tokens} + its templates) = {need} tokens"
+    )
+    if need > cfg.max_position_embeddings:
+        errs.append(
+            f"{what} exceeds the student's context ({cfg.max_position_embeddings} positions): lower "
+            "--config.protocol.max_prompt_tokens / max_teaching_tokens / max_student_tokens"
+        )
+    if kind == "vllm" and 0 < config.engine.max_model_len < need:
+        errs.append(f"{what} exceeds --config.engine.max_model_len={config.engine.max_model_len}")
+    return errs
 
 
 def validate_config(config: Any, num_devices: int | None = None) -> None:
@@ -168,6 +250,10 @@ def validate_config(config: Any, num_devices: int | None = None) -> None:
         errors.append(
             "--config.job=grpo needs the frozen student: set --config.model.student (or student_preset)"
         )
+    elif config.job == "grpo":
+        errors += _student_errors(config)
+    if config.job in ("grpo", "pipeline"):
+        errors += _engine_errors(config)
     if config.job != "pipeline" and not (config.model.teacher or config.model.teacher_preset):
         errors.append("set --config.model.teacher (HF or checkpoint folder) or --config.model.teacher_preset")
     elif config.job != "pipeline":
