@@ -4,7 +4,8 @@
 reached as ``rl_setup.student_engine`` / ``rl_setup.teacher_engine``); the kinds are those of
 ``engines.factory.ENGINES``. What each kind takes from the config:
 
-- ``jax``: the embedded sampler on the training mesh (``config.mesh.shape``). Student: its weights stored in
+- ``jax``: the embedded sampler on the training mesh (``config.mesh.shape``; a multi-process run gives each
+  host's student its local devices). Student: its weights stored in
   ``model.compute_dtype``, remat off, calls split by ``engine.jax_max_rows`` (``engines.chunked``). Teacher:
   the policy's own (sharded, remat-wrapped, ``model.param_dtype``) parameters, no copy.
 - ``vllm``: ``VLLMEngine`` in this process with ``engine.dtype`` ("auto": bfloat16 on an accelerator,
@@ -112,6 +113,17 @@ def _model_positions(path: str) -> int:
     return ModelConfig.from_hf(Path(path)).max_position_embeddings
 
 
+def _student_mesh(config: Any, mesh_from_config: Any) -> Any:
+    """The training mesh in one process; with several, this host's devices (each host runs its own student)."""
+    import jax
+
+    from atlas_jax.models.sharding import make_mesh
+
+    if jax.process_count() == 1:
+        return mesh_from_config(config)
+    return make_mesh((1, jax.local_device_count(), 1), jax.local_devices())
+
+
 def _openai_base_url(url: str) -> str:
     return url.rstrip("/") + "/v1" if urlparse(url).path.strip("/") == "" else url.rstrip("/")
 
@@ -146,7 +158,8 @@ def student_engine(config: Any, mesh: Any = None) -> Engine:
 
     Args:
       config: the run config.
-      mesh: the mesh of a JAX student (default: the one ``config.mesh.shape`` gives, as the policy's).
+      mesh: the mesh of a JAX student (default: the one ``config.mesh.shape`` gives, as the policy's; in a
+        multi-process run this host's devices, rows sharded over them, so each host samples its own student).
     """
     kind, path = str(config.engine.student), str(config.model.student)
     if kind == "jax":
@@ -154,7 +167,7 @@ def student_engine(config: Any, mesh: Any = None) -> Engine:
         from atlas_jax.models.params import build_model
         from atlas_jax.training.runtime import load_flat_params, mesh_from_config, model_config
 
-        mesh = mesh if mesh is not None else mesh_from_config(config)
+        mesh = mesh if mesh is not None else _student_mesh(config, mesh_from_config)
         cfg = model_config(path, str(config.model.student_preset), model_section=config.model)
         # Frozen: no backward pass (remat off) and no fp32 master copy (weights in the compute dtype).
         cfg = cfg.replace(remat=False, param_dtype=cfg.dtype)

@@ -204,8 +204,11 @@ def make_score_fn(
     """
 
     def score(params, batch):
-        model = merge_model(graphdef, params, rest)
-        out = jax.lax.map(lambda mb: fn(model, mb), split_micro(batch, num_micro))  # [n, B/n, ...]
+        # The model is merged inside the mapped body (as in ``accumulate``): NNX transforms in it (remat
+        # layers, model.remat=True) refuse Variables made at the outer trace level.
+        out = jax.lax.map(
+            lambda mb: fn(merge_model(graphdef, params, rest), mb), split_micro(batch, num_micro)
+        )
         return out.swapaxes(0, 1).reshape(-1, *out.shape[2:])
 
     return jax.jit(
