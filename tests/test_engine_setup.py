@@ -213,7 +213,8 @@ def test_row_chunked_bounds_rows_per_call(hf_dir):
 
 
 class _CountingHandler(http.server.BaseHTTPRequestHandler):
-    """An OpenAI-style /v1/completions that records what it was sent and the peak of requests in flight."""
+    """/health of a student server, and an OpenAI-style /v1/completions that records what it was sent and
+    the peak of requests in flight."""
 
     lock, in_flight, peak, paths = threading.Lock(), 0, 0, []
 
@@ -239,6 +240,14 @@ class _CountingHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def do_GET(self):
+        data = json.dumps({"role": "student"}).encode()
+        self.send_response(200 if self.path == "/health" else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
     def log_message(self, *args):
         pass
 
@@ -247,22 +256,23 @@ def test_http_students_from_the_config(hf_dir):
     from atlas_jax.engines.openai_client import OpenAIEngine
     from atlas_jax.engines.server_client import ServerEngine
 
-    c = _rcl(hf_dir)
-    c.engine.student, c.engine.student_url = "vllm_server", "http://127.0.0.1:1,http://127.0.0.1:2"
-    c.engine.retries, c.engine.timeout_s = 1, 9.0
-    engine = rl_setup.student_engine(c)
-    assert type(engine) is ServerEngine and engine.urls == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
-    assert engine.retries == 1 and engine._client.timeout.read == 9.0
-    c.engine.student = "openai"
-    with pytest.raises(ValueError, match=r"engine\.student=openai takes one URL, got 2"):
-        rl_setup.student_engine(c)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CountingHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        c.engine.student_url = f"http://127.0.0.1:{server.server_address[1]}"
+        c = _rcl(hf_dir)
+        c.engine.student, c.engine.student_url = "vllm_server", f"{url},{url}/"
+        c.engine.retries, c.engine.timeout_s = 1, 9.0
+        engine = rl_setup.student_engine(c)  # waits for both servers' /health (role student)
+        assert type(engine) is ServerEngine and engine.urls == [url, url]
+        assert engine.retries == 1 and engine._client.timeout.read == 9.0
+        c.engine.student = "openai"
+        with pytest.raises(ValueError, match=r"engine\.student=openai takes one URL per host, got 2"):
+            rl_setup.student_engine(c)
+        c.engine.student_url = url
         c.engine.concurrency, c.engine.student_model = 3, "served-name"
         engine = rl_setup.student_engine(c)
-        assert type(engine) is OpenAIEngine and engine.base_url == c.engine.student_url + "/v1"
+        assert type(engine) is OpenAIEngine and engine.base_url == url + "/v1"
         assert (engine.model, engine.mode, engine.retries, engine._client.timeout.read) == (
             "served-name", "completions", 1, 9.0)  # fmt: skip
         out = engine.generate([f"q{i}" for i in range(7)], SamplingParams(temperature=0.0, max_tokens=5))

@@ -12,7 +12,9 @@ reached as ``rl_setup.student_engine`` / ``rl_setup.teacher_engine``); the kinds
   float32 on CPU), ``max_model_len`` = the role's context from the budgets (``protocol.budgets``) unless
   ``engine.max_model_len`` is set, ``engine.gpu_memory_utilization``, ``engine.tensor_parallel_size``
   (student only), ``engine.enforce_eager`` and ``seed``. The teacher starts from an HF export of the policy.
-- ``vllm_server``: ``ServerEngine`` on our ``launch.serve`` servers (``engine.student_url``, comma list).
+- ``vllm_server``: student: ``ServerEngine`` on our ``launch.serve`` servers (``engine.student_url``, comma
+  list, split over hosts; waits ``engine.server_wait_s`` for their health); teacher: ``TeacherServers`` on
+  ``atlas-serve --role=teacher`` (``engine.teacher_url``, ``engine.weight_transfer``).
 - ``openai``: ``OpenAIEngine`` on one OpenAI-compatible server (``engine.student_url``; ``/v1`` is added
   when the URL has no path), model ``engine.student_model`` (default ``model.student``), endpoint
   ``engine.student_api``, API key from ``OPENAI_API_KEY``.
@@ -113,15 +115,13 @@ def _model_positions(path: str) -> int:
     return ModelConfig.from_hf(Path(path)).max_position_embeddings
 
 
-def _student_mesh(config: Any, mesh_from_config: Any) -> Any:
-    """The training mesh in one process; with several, this host's devices (each host runs its own student)."""
-    import jax
+def _student_mesh(config: Any) -> Any:
+    """The training mesh in one process; with several, this host's devices (per-host rollouts)."""
+    from atlas_jax.training.host_rollout import student_mesh
+    from atlas_jax.training.runtime import mesh_from_config
 
-    from atlas_jax.models.sharding import make_mesh
-
-    if jax.process_count() == 1:
-        return mesh_from_config(config)
-    return make_mesh((1, jax.local_device_count(), 1), jax.local_devices())
+    mesh = mesh_from_config(config)
+    return student_mesh(mesh) or mesh
 
 
 def _openai_base_url(url: str) -> str:
@@ -129,18 +129,25 @@ def _openai_base_url(url: str) -> str:
 
 
 def _http_student(config: Any, kind: str, path: str) -> Engine:
+    from atlas_jax import distributed
+    from atlas_jax.engines.teacher_servers import host_urls, wait_healthy
+
     e = config.engine
     urls = [u.strip() for u in str(e.student_url).split(",") if u.strip()]
     if not urls:
         raise ValueError(f"--config.engine.student={kind} needs --config.engine.student_url")
+    # Per-host rollouts: with one server (or more) per host each host asks only its own.
+    urls, _ = host_urls(urls, distributed.process_index(), distributed.process_count())
     tokenizer = path if path and Path(path).is_dir() else None
     if kind == "vllm_server":
-        return engine_class(kind)(
+        engine = engine_class(kind)(
             urls, tokenizer=tokenizer, timeout=float(e.timeout_s), retries=int(e.retries)
         )
+        wait_healthy(engine, float(e.server_wait_s), role="student")
+        return engine
     if len(urls) != 1:
         raise ValueError(
-            f"--config.engine.student=openai takes one URL, got {len(urls)} in engine.student_url"
+            f"--config.engine.student=openai takes one URL per host, got {len(urls)} in engine.student_url"
         )
     return engine_class(kind)(
         _openai_base_url(urls[0]),
@@ -165,9 +172,9 @@ def student_engine(config: Any, mesh: Any = None) -> Engine:
     if kind == "jax":
         from atlas_jax.engines.chunked import RowChunked
         from atlas_jax.models.params import build_model
-        from atlas_jax.training.runtime import load_flat_params, mesh_from_config, model_config
+        from atlas_jax.training.runtime import load_flat_params, model_config
 
-        mesh = mesh if mesh is not None else _student_mesh(config, mesh_from_config)
+        mesh = mesh if mesh is not None else _student_mesh(config)
         cfg = model_config(path, str(config.model.student_preset), model_section=config.model)
         # Frozen: no backward pass (remat off) and no fp32 master copy (weights in the compute dtype).
         cfg = cfg.replace(remat=False, param_dtype=cfg.dtype)
@@ -200,4 +207,26 @@ def teacher_engine(config: Any, policy: Any) -> Engine:
         )
         options = vllm_options(config, "teacher", tokenizer, policy.model_cfg.max_position_embeddings)
         return engine_class(kind)(folder, **options)
-    raise ValueError(f"unknown --config.engine.teacher={kind!r}; choose jax or vllm")
+    if kind == "vllm_server":
+        return _teacher_servers(config, policy, tokenizer)
+    raise ValueError(f"unknown --config.engine.teacher={kind!r}; choose jax, vllm or vllm_server")
+
+
+def _teacher_servers(config: Any, policy: Any, tokenizer: Any) -> Engine:
+    """``atlas-serve --role=teacher`` servers of this host (see ``engines/teacher_servers.py``)."""
+    from atlas_jax import distributed
+    from atlas_jax.engines.teacher_servers import TeacherServers, host_urls
+
+    e = config.engine
+    urls, owner = host_urls(
+        str(e.teacher_url).split(","), distributed.process_index(), distributed.process_count()
+    )
+    transfer: Any = "http"
+    if str(e.weight_transfer) == "nccl":
+        from atlas_jax.engines.nccl_push import NcclWeightPush
+
+        transfer = NcclWeightPush(urls, str(e.nccl_address), model_config=policy.model_cfg) if owner else None
+    return TeacherServers(
+        urls, owner=owner, model_config=policy.model_cfg, transfer=transfer, wait_s=float(e.server_wait_s),
+        tokenizer=tokenizer,
+    )  # fmt: skip
