@@ -35,6 +35,7 @@ from atlas_jax.engines.base import Engine
 from atlas_jax.engines.factory import engine_class
 from atlas_jax.protocol.budgets import Budgets, student_context, teacher_context
 from atlas_jax.protocol.settings import templates_from_config
+from atlas_jax.training.input_checks import check_teacher_tokenizer
 
 
 def load_tokenizer(path: str) -> Any:
@@ -194,6 +195,13 @@ def teacher_engine(config: Any, policy: Any) -> Engine:
     kind = str(config.engine.teacher)
     tok_path = config.model.tokenizer or config.model.teacher
     tokenizer = load_tokenizer(tok_path) if tok_path else None
+    check_teacher_tokenizer(  # training/input_checks.py
+        tokenizer,
+        policy.model_cfg.vocab_size,
+        source=tok_path,
+        teacher=config.model.teacher,
+        load=load_tokenizer,
+    )
     if kind == "jax":
         from atlas_jax.training.train_step import merge_model
 
