@@ -58,7 +58,9 @@ def main() -> None:
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", ATLAS_SERVER_TOKEN=token)
         port = processes.free_port()
         server = processes.start(
-            "teacher_server", processes.server_argv(str(hf_dir), "teacher", port, "127.0.0.1", ["--max_model_len=512"]),
+            "teacher_server", processes.server_argv(
+                str(hf_dir), "teacher", port, "127.0.0.1", ["--max_model_len=512", f"--weights_root={tmp}"]
+            ),
             Path(tmp) / "logs", env,
         )  # fmt: skip
         server.url = f"http://127.0.0.1:{port}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -88,6 +89,8 @@ def main(argv: list[str]) -> None:
     if _PRINT.value:
         _print_commands(plan, train_args)
         return
+    # SIGTERM (e.g. a scheduler's stop) unwinds like Ctrl-C, so the finally below stops what was started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     log_dir = Path(_LOGS.value or Path(os.environ.get("TMPDIR", "/tmp")) / f"atlas-cluster-{os.getpid()}")
     started: list[processes.Started] = []
     try:
