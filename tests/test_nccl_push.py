@@ -2,10 +2,16 @@
 
 NCCL itself needs GPUs; here the control payloads are built from real parameters of a tiny model and
 parsed by vLLM 0.32's own dataclasses (``NCCLWeightTransferInitInfo`` / ``NCCLWeightTransferUpdateInfo``),
-and the tensor list is checked against the transformers model (names, shapes, dtypes, values, in order).
+the tensor list is checked against the transformers model (names, shapes, dtypes, values, in order), and
+the whole push — ``TeacherServers`` → ``NcclWeightPush`` → the server's ``/weight_transfer/*`` → worker-side
+receive by broadcast → loaded into a real vLLM — runs with gloo standing in for NCCL
+(``tests/gloo_receiver_server.py``), checked by the server's greedy tokens and log-probs.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,3 +64,48 @@ def test_payloads_parse_as_vllm_info_and_match_the_hf_model(tmp_path):
         np.testing.assert_allclose(
             t.float().numpy(), hf[name].to(torch.bfloat16).float().numpy(), err_msg=name
         )
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_push_by_broadcast_reaches_a_real_server(tmp_path):
+    """NcclWeightPush + TeacherServers against a real server whose workers receive by (gloo) broadcast."""
+    import sys
+
+    from engine_helpers import HFReference, free_port, perturbed_state
+    from gloo_receiver_server import GlooGroup
+
+    from atlas_jax.engines.base import SamplingParams
+    from atlas_jax.engines.server_client import ServerEngine
+    from atlas_jax.engines.teacher_servers import TeacherServers
+    from launch import processes
+
+    d = make_hf_dir(tmp_path / "m", tied=True)
+    cfg = ModelConfig.from_hf(d / "config.json")
+    port, token = free_port(), "gloo-token"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    server = processes.start(
+        "gloo_server", [sys.executable, str(Path(__file__).parent / "gloo_receiver_server.py"), str(d), str(port), token],
+        tmp_path, env,
+    )  # fmt: skip
+    server.url = f"http://127.0.0.1:{port}"
+    try:
+        processes.wait_healthy([server], 600)
+        push = NcclWeightPush(
+            [server.url], f"127.0.0.1:{free_port()}", model_config=cfg, token=token, open_group=GlooGroup
+        )
+        engine = TeacherServers([server.url], model_config=cfg, token=token, transfer=push, wait_s=60)
+        state = perturbed_state(d, seed=3)
+        assert engine.update_weights(mapping.hf_to_flat(state, cfg)) == [1]  # version waited for
+        ref = HFReference(d)
+        ref.load(state)
+        prompt = [5, 17, 42, 100, 7]
+        with ServerEngine([server.url]) as client:
+            [[c]] = client.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8))
+        assert c.token_ids == ref.greedy(prompt, len(c.token_ids))
+        np.testing.assert_allclose(c.logprobs, ref.logprobs(prompt, c.token_ids), atol=1e-4, rtol=0)
+        engine.close()
+        push.close()
+    finally:
+        processes.stop([server])
