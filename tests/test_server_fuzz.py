@@ -23,7 +23,7 @@ from server_fixtures import TOKEN, JaxServed  # noqa: E402
 from atlas_jax.engines.server_app import create_app  # noqa: E402
 
 MAX_EXAMPLES = 300
-BUDGET_S = 240.0
+BUDGET_S = 150.0
 HEADERS = [{}, {"Authorization": f"Bearer {TOKEN}"}, {"Authorization": "Bearer wrong"}]
 
 
@@ -32,7 +32,7 @@ def server(tmp_path_factory):
     engine = JaxServed(make_tokenizer())
     app = create_app(
         engine, role="teacher", token=TOKEN, max_weights_bytes=1 << 20, max_json_bytes=16 << 10,
-        weights_root=str(tmp_path_factory.mktemp("weights")), max_inflight=4, max_sequences=4, max_new_tokens=8,
+        weights_root=str(tmp_path_factory.mktemp("weights")), max_inflight=4, max_sequences=8, max_new_tokens=128,
     )  # fmt: skip
     s = ThreadServer(app)
     yield s
