@@ -43,6 +43,7 @@ format: install-cpu
 bench: install-cpu
 	$(PY) bench/rollout.py
 	$(PY) bench/weight_sync.py
+	$(PY) bench/teacher_push.py
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache .ruff_cache

@@ -69,6 +69,8 @@ def main() -> None:
             engine = TeacherServers([server.url], model_config=cfg, token=token, wait_s=120)
             other = {k: v + np.float32(0.01) for k, v in flat.items()}
             payload = len(weight_sync.serialize(weight_sync.hf_tensors(flat, cfg)))
+            # The client's share of a push: HF layout (transposes) + safetensors bytes.
+            encode = _best(lambda: weight_sync.serialize(weight_sync.hf_tensors(flat, cfg)), args.reps)
             engine.update_weights(other)  # warm-up
             push = _best(lambda: engine.update_weights(flat), args.reps)
             folder = Path(tmp) / "export"
@@ -83,7 +85,7 @@ def main() -> None:
             processes.stop([server])
     print(
         f"model: qwen2 {n_params / 1e6:.1f}M params (V=1024 D=512 L={args.layers}), payload {payload / 2**20:.1f} MiB\n"
-        f"push (HTTP bytes + version wait): {push:.3f} s per step\n"
+        f"push (HTTP bytes + version wait): {push:.3f} s per step (of which encoding on the trainer {encode:.3f} s)\n"
         f"disk (export_hf_dir + load path):  {peer:.3f} s\n"
         f"ratio push/disk: {push / peer:.2f}x (best of {args.reps}; shared machine, noisy)"
     )
