@@ -54,6 +54,8 @@ setup(
             "atlas-train=launch.train:run",
             "atlas-serve=launch.serve:run",
             "atlas-eval=launch.eval:run",
+            "atlas-teach=launch.teach:run",
+            "atlas-teach-serve=launch.teach_serve:run",
         ]
     },
 )

@@ -1,18 +1,26 @@
-"""OpenAI-compatible routes of the generation server: ``/v1/completions`` and ``/v1/chat/completions``.
+"""OpenAI-compatible routes of the generation server: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``.
 
 A subset of the OpenAI API (extra request fields are ignored): prompt(s) as text or token ids,
-``n``, ``temperature``, ``top_p``, ``max_tokens``, ``stop``, ``seed``, ``logprobs``, plus vLLM's
+``n``, ``temperature``, ``top_p``, ``max_tokens``, ``stop``, ``seed``, ``logprobs``, ``stream``, plus vLLM's
 ``top_k``, ``stop_token_ids`` and ``return_tokens_as_token_ids`` (logprob tokens as
 ``"token_id:<id>"``). Generation goes through the same engine and lock as ``/generate``.
+
+``GET /v1/models`` lists the one served model. ``stream=true`` answers with server-sent events in the
+OpenAI chunk format (``data: {chunk}`` lines, then ``data: [DONE]``), but *buffered*: the completion is
+generated in full first and then sent as one content chunk per choice plus a final chunk with its
+``finish_reason`` (the engines here generate whole batches, not token by token). The response header
+``x-atlas-stream: buffered`` says so.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from fastapi import FastAPI, HTTPException
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from atlas_jax.engines.base import Completion, SamplingParams
@@ -30,6 +38,7 @@ class CompletionsRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     logprobs: int | None = None
+    stream: bool = False
     top_k: int = 0  # vLLM extension
     stop_token_ids: list[int] = []  # vLLM extension
     return_tokens_as_token_ids: bool = False
@@ -48,6 +57,7 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     logprobs: bool = False
+    stream: bool = False
     top_k: int = 0  # vLLM extension
     stop_token_ids: list[int] = []  # vLLM extension
     return_tokens_as_token_ids: bool = False
@@ -69,9 +79,10 @@ def add_openai_routes(
       engine: for its ``tokenizer`` (chat template, token strings).
       model_name: the ``model`` field of the answers.
     """
+    add_models_route(app, model_name)
 
-    @app.post("/v1/completions")
-    def completions(req: CompletionsRequest) -> dict[str, Any]:
+    @app.post("/v1/completions", response_model=None)
+    def completions(req: CompletionsRequest) -> dict[str, Any] | StreamingResponse:
         prompts = _openai_prompts(req.prompt)
         params = sampling(
             temperature=req.temperature,
@@ -97,10 +108,11 @@ def add_openai_routes(
                         "token_logprobs": c.logprobs,
                     }
                 choices.append(choice)
-        return _openai_envelope("text_completion", model_name, choices, outs)
+        body = _openai_envelope("text_completion", model_name, choices, outs)
+        return sse_response(body) if req.stream else body
 
-    @app.post("/v1/chat/completions")
-    def chat(req: ChatRequest) -> dict[str, Any]:
+    @app.post("/v1/chat/completions", response_model=None)
+    def chat(req: ChatRequest) -> dict[str, Any] | StreamingResponse:
         try:
             prompt = engine.tokenizer.apply_chat_template(
                 req.messages, tokenize=False, add_generation_prompt=True
@@ -130,7 +142,62 @@ def add_openai_routes(
                     "content": [{"token": t, "logprob": lp} for t, lp in zip(toks, c.logprobs, strict=True)]
                 }
             choices.append(choice)
-        return _openai_envelope("chat.completion", model_name, choices, outs)
+        body = _openai_envelope("chat.completion", model_name, choices, outs)
+        return sse_response(body) if req.stream else body
+
+
+def add_models_route(app: FastAPI, model_name: str) -> None:
+    """``GET /v1/models`` (and ``/v1/models/{id}``): the one model this server answers as."""
+    created = int(time.time())
+    card = {"id": model_name, "object": "model", "created": created, "owned_by": "atlas-jax"}
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    def model(model_id: str) -> dict[str, Any]:
+        if model_id != model_name:
+            raise HTTPException(404, f"model {model_id!r} not found; this server serves {model_name!r}")
+        return card
+
+
+def stream_chunks(body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """A whole completion/chat answer as OpenAI stream chunks: one content chunk per choice, then one
+    chunk per choice with its ``finish_reason`` and no content (usage on the last one)."""
+    chat = body["object"] == "chat.completion"
+    head = {"id": body["id"], "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": body["created"], "model": body["model"]}  # fmt: skip
+    for c in body["choices"]:
+        if chat:
+            delta = {"role": "assistant", "content": c["message"]["content"]}
+            choice = {"index": c["index"], "delta": delta, "finish_reason": None}
+            if "logprobs" in c:
+                choice["logprobs"] = c["logprobs"]
+        else:
+            choice = {
+                "index": c["index"],
+                "text": c["text"],
+                "finish_reason": None,
+                "logprobs": c.get("logprobs"),
+            }
+        yield {**head, "choices": [choice]}
+    for i, c in enumerate(body["choices"]):
+        end = {"index": c["index"], "finish_reason": c["finish_reason"]}
+        end.update({"delta": {}} if chat else {"text": "", "logprobs": None})
+        last = i == len(body["choices"]) - 1
+        yield {**head, "choices": [end], **({"usage": body["usage"]} if last and "usage" in body else {})}
+
+
+def sse_response(body: dict[str, Any]) -> StreamingResponse:
+    """``body`` (a finished completion or chat answer) as a buffered server-sent-event stream."""
+
+    def events() -> Iterator[str]:
+        for chunk in stream_chunks(body):
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"x-atlas-stream": "buffered"})
 
 
 def _openai_prompts(prompt: Any) -> list[Any]:

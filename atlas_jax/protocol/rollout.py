@@ -65,7 +65,7 @@ class TwoPassRollout:
         t = self.settings.templates
         return render(
             fill(template, **values),
-            tokenizer=self.student.tokenizer,
+            tokenizer=self.student.tokenizer if t.student_chat else None,  # remote students may have none
             chat=t.student_chat,
             system=t.student_system,
         )
