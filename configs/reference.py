@@ -122,9 +122,40 @@ def render() -> str:
                     problems.append(f"--config.{key} has no comment ({where})")
                 lines.append(f"| `--config.{key}` | `{_cell(repr(value))}` | {_cell(comment)} |")
             lines.append("")
+    lines += _run_config_tables()
     if problems:
         raise ValueError("every config field needs one comment on its line: " + "; ".join(problems))
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _run_config_tables() -> list[str]:
+    """One table per ``configs/run/*.py``: every value that differs from ``configs/base.py`` (and new fields)."""
+    base = _flatten(importlib.import_module("configs.base").get_config().to_dict())
+    lines = ["## Run configs: what each changes", "",
+             "Each `configs/run/*.py` starts from `configs/base.py` (some through `configs/trainer/*.py`); these",
+             "are the values it changes or adds (comment from the run or trainer file, else from base).", ""]  # fmt: skip
+    shared = [p for p in sorted((ROOT / "configs" / "trainer").glob("*.py"))] + [ROOT / "configs" / "base.py"]
+    for path in sorted((ROOT / "configs" / "run").glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        module = "configs.run." + path.stem
+        flat = _flatten(importlib.import_module(module).get_config().to_dict())
+        sources = [field_comments(path)] + [field_comments(p) for p in shared]
+        order = {k: line for k, (_, line) in sources[0].items()}
+        changed = [(k, v) for k, v in flat.items() if k not in base or base[k] != v]
+        changed.sort(key=lambda kv: (order.get(kv[0], 1 << 30), kv[0]))
+        lines += [
+            f"### `{path.relative_to(ROOT)}`",
+            "",
+            "| flag | value | base default | note |",
+            "|---|---|---|---|",
+        ]
+        for key, value in changed:
+            note = next((c[key][0] for c in sources if c.get(key, ("", 0))[0]), "")
+            default = f"`{_cell(repr(base[key]))}`" if key in base else "(new)"
+            lines.append(f"| `--config.{key}` | `{_cell(repr(value))}` | {default} | {_cell(note)} |")
+        lines.append("")
+    return lines
 
 
 def main(argv: list[str]) -> int:

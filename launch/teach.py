@@ -5,7 +5,7 @@
 
 Input: one JSON object per line with the problem (``--problem_field``, default the config's
 ``data.problem_field``, "prompt"), optionally the ground truth (``--answer_field``, "ground_truth") and an id
-(``--id_field``, "id"). Output: one JSON object per input row (``line`` = its input line number): the probe,
+(``--id_field``; default ``problem_id``, then ``id``). Output: one JSON object per input row (``line`` = its input line number): the probe,
 the teaching (``stayed_out`` = the teacher wrote none), the teacher's whole completion, the student's taught
 answer (and, with ``--baseline``, its answer alone), the extracted answers and, with a ground truth, whether
 they are right, token counts and seconds (batch phase times divided by the batch size).
@@ -36,7 +36,9 @@ _PROBLEM_FIELD = flags.DEFINE_string("problem_field", None, "Row field with the 
 _ANSWER_FIELD = flags.DEFINE_string(
     "answer_field", None, "Row field with the ground truth (default: config)."
 )
-_ID_FIELD = flags.DEFINE_string("id_field", "id", "Row field with the problem id (default: line<N>).")
+_ID_FIELD = flags.DEFINE_string(
+    "id_field", "", "Row field with the problem id (default: problem_id, then id, then line<N>)."
+)
 _ANSWER = flags.DEFINE_boolean("answer", True, "Get the student's taught answer.")
 _BASELINE = flags.DEFINE_boolean("baseline", False, "Also get the student's answer without teaching.")
 _NUM_PROBLEMS = flags.DEFINE_integer("num_problems", 0, "Use only the first N input rows (0 = all).")
@@ -96,7 +98,7 @@ def parse_row(line_no: int, text: str, fields: tuple[str, str, str]) -> dict[str
     answer = row.get(answer_field)
     if answer is not None and not isinstance(answer, str | int | float):
         raise ValueError(f"field {answer_field!r} must be a string or a number")
-    pid = row.get(id_field)
+    pid = row.get(id_field) if id_field else next((row[k] for k in ("problem_id", "id") if k in row), None)
     return {"question": question, "answer": None if answer is None else str(answer),
             "id": str(pid) if pid is not None else f"line{line_no}"}  # fmt: skip
 

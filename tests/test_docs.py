@@ -45,6 +45,19 @@ SUBSTITUTIONS: list[tuple[str, str, str, str]] = [
     ("*", "--config=configs/run/quickstart.py", f"--config={QS_CI} --config.output_dir=runs/quickstart",
      "the quickstart at CI size (configs/run/quickstart_ci.py), in the quickstart's own run folder; a "
      "later --config.output_dir in the doc command still wins"),
+    ("first_experiment.md", "/models/Qwen3-0.6B", "runs/quickstart/student/hf",
+     "the quickstart's tiny trained student stands in for Qwen3-0.6B (no downloads)"),
+    ("first_experiment.md", "--config=configs/run/teacher_sft.py",
+     "--config=configs/run/teacher_sft.py --config.sft.num_steps=2 --config.sft.batch_size=2 "
+     "--config.sft.micro_batch_size=2 --config.sft.max_length=160 --config.model.compute_dtype=float32",
+     "2 SFT steps"),
+    ("first_experiment.md", "--config=configs/run/teacher_rcl.py",
+     "--config=configs/run/teacher_rcl.py --config.grpo.num_steps=1 --config.grpo.problems_per_step=2 "
+     "--config.grpo.num_generations=2 --config.grpo.micro_batch_size=4 --config.protocol.max_probe_tokens=8 "
+     "--config.protocol.max_teaching_tokens=16 --config.protocol.max_student_tokens=8 "
+     "--config.protocol.num_baseline_samples=1 --config.protocol.num_student_samples=1 --config.eval.every_steps=0 "
+     "--config.eval.num_problems=2 --config.eval.num_seeds=1 --config.eval.chunk=2 --config.model.compute_dtype=float32",
+     "1 GRPO step of 2 problems x 2 samples, tiny budgets; the evaluation on 2 problems, 1 seed"),
     ("multihost.md", "--config=configs/run/teacher_sft.py",
      "--config=configs/run/teacher_sft.py --config.model.teacher=runs/quickstart/student/hf "
      "--config.data.sft_path=atlas_jax/data/samples/sft_sample.jsonl --config.sft.num_steps=2 --config.sft.batch_size=8 "
@@ -133,6 +146,9 @@ def make_workdir(path: Path) -> tuple[Path, dict[str, str]]:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, like a user's shell
     env.update(PATH=f"{bin_dir}:{Path(sys.executable).parent}:{env.get('PATH', '')}", PYTHONPATH=str(ROOT))
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # Doc commands compile the same tiny programs again and again: share them through JAX's persistent cache.
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(path / ".jax_cache"))
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
     return path, env
 
 
