@@ -311,12 +311,12 @@ def test_vllm_openai_server_as_student(teacher_engine, tmp_path):
     log = open(tmp_path / "vllm.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(d), "--host", "127.0.0.1",
-         "--port", str(port), "--max-model-len", "256", "--dtype", "float32", "--served-model-name", "tiny"],
+         "--port", str(port), "--max-model-len", "256", "--dtype", "float32", "--served-model-name", "tiny", "--enforce-eager"],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 400
+        deadline = time.monotonic() + 900
         while True:
             assert proc.poll() is None, (tmp_path / "vllm.log").read_text()[-3000:]
             try:
