@@ -212,7 +212,7 @@ def main(argv: list[str]) -> None:
                              progress=_PROGRESS.value)  # fmt: skip
     finally:
         student.close()
-        teacher.teacher.close()
+        teacher.close()
     print(json.dumps(summary))
 
 

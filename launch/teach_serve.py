@@ -48,7 +48,7 @@ def main(argv: list[str]) -> None:
         uvicorn.run(server_app, host=_HOST.value, port=_PORT.value, log_level="warning")
     finally:
         student.close()
-        teacher.teacher.close()
+        teacher.close()
 
 
 def run() -> None:

@@ -199,6 +199,16 @@ class AdaptiveTeacher:
             if owned:
                 engine.close()
 
+    def close(self) -> None:
+        """Releases the teacher engine (processes, sockets, device memory)."""
+        self.teacher.close()
+
+    def __enter__(self) -> AdaptiveTeacher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # -- one batch -----------------------------------------------------------------------------------
     def _batch(
         self,
