@@ -119,12 +119,12 @@ def build() -> tuple[Any, Any, Any]:
     src = teacher_source(c)
     if tok is None and src.startswith(("http://", "https://")) and _run_folder(c) is not None:
         tok = str(_run_folder(c) / "data" / "tokenizer")
-    teacher = AdaptiveTeacher.load(src, settings, kind=TEACHER_KIND.value, tokenizer=tok,
+    teacher = AdaptiveTeacher.load(src, settings, kind=TEACHER_KIND.value, tokenizer=tok, config=c,
                                    temperature=TEMPERATURE.value, batch_size=BATCH_SIZE.value)  # fmt: skip
     source, kind = student_source(c)
     student = as_engine(
         source, role="student", kind=kind, model=STUDENT_MODEL.value, mode=STUDENT_MODE.value,
         tokenizer=STUDENT_TOKENIZER.value, api_key=os.environ.get(STUDENT_API_KEY_ENV.value) or None,
-        concurrency=CONCURRENCY.value, timeout=TIMEOUT.value, retries=RETRIES.value, seed=int(c.seed),
+        concurrency=CONCURRENCY.value, timeout=TIMEOUT.value, retries=RETRIES.value, seed=int(c.seed), config=c,
     )  # fmt: skip
     return c, teacher, student

@@ -180,6 +180,7 @@ def as_engine(
     backoff: float = 0.5,
     seed: int = 0,
     mesh: Any = None,
+    config: Any = None,
 ) -> Engine:
     """An ``Engine`` for ``source`` (see the module docstring).
 
@@ -195,6 +196,8 @@ def as_engine(
         retries, backoff).
       seed: engine seed of a local folder ("jax" / "vllm").
       mesh: the JAX mesh of a "jax" engine (None = the default device).
+      config: the run config whose ``model`` (dtypes) and ``engine`` sections a folder's engine uses
+        (default: ``configs/base.py``'s, but in float32: a CPU-friendly, exact default).
 
     Raises:
       ValueError: unknown kind, or a folder that is neither an HF folder nor an atlas-jax checkpoint.
@@ -240,9 +243,14 @@ def as_engine(
     if kind not in ("jax", "vllm"):
         raise ValueError(f"{source}: a folder is served by kind 'jax' or 'vllm', got {kind!r}")
     from atlas_jax.training import rl_setup
-    from configs.base import get_config
 
-    c = get_config()
+    if config is None:
+        from configs.base import get_config
+
+        c = get_config()
+        c.model.compute_dtype = "float32"
+    else:
+        c = config.copy_and_resolve_references()
     c.seed = int(seed)
     c.engine.student = kind
     c.model.student = str(path)

@@ -132,13 +132,33 @@ class AdaptiveTeacher:
         self.batch_size = batch_size
 
     @classmethod
+    def from_config(cls, config: Any, source: Any = None, **kwargs: Any) -> AdaptiveTeacher:
+        """A teacher with the protocol settings, dtypes and engine options of run config ``config``.
+
+        ``source`` defaults to the config's teacher: ``<output_dir>/teacher_rl/hf`` of a pipeline run
+        (``job == "pipeline"``), else ``model.teacher``. Other keywords go to ``load``.
+        """
+        from pathlib import Path
+
+        from atlas_jax.protocol.settings import rollout_settings_from_config
+
+        if source is None:
+            pipeline = str(config.job) == "pipeline"
+            source = (
+                str(Path(config.output_dir) / "teacher_rl" / "hf") if pipeline else str(config.model.teacher)
+            )
+        return cls.load(source, rollout_settings_from_config(config), config=config, **kwargs)
+
+    @classmethod
     def load(cls, source: Any, settings: RolloutSettings | None = None, *, kind: str = "auto",
-             tokenizer: Any = None, **kwargs: Any) -> AdaptiveTeacher:  # fmt: skip
+             tokenizer: Any = None, config: Any = None, **kwargs: Any) -> AdaptiveTeacher:  # fmt: skip
         """A teacher from an HF folder, an atlas-jax checkpoint, a running teacher server (URL) or an engine.
 
         ``kind``: "jax" (default for folders), "vllm", "server" (``atlas-serve --role=teacher``, default for
         URLs) or "openai" (any OpenAI-compatible completions API, e.g. vLLM's server); a URL needs
-        ``tokenizer`` (the teacher's tokenizer folder). Other keywords go to ``AdaptiveTeacher``.
+        ``tokenizer`` (the teacher's tokenizer folder). ``config``: the run config whose dtypes and engine
+        options a folder's engine uses (``inference.students.as_engine``). Other keywords go to
+        ``AdaptiveTeacher``.
         """
         from atlas_jax.inference.students import as_engine
 
@@ -146,7 +166,7 @@ class AdaptiveTeacher:
             raise ValueError(
                 f"teacher {source}: a remote teacher needs tokenizer= (the teacher's tokenizer folder)"
             )
-        engine = as_engine(source, role="teacher", kind=kind, tokenizer=tokenizer,
+        engine = as_engine(source, role="teacher", kind=kind, tokenizer=tokenizer, config=config,
                            seed=settings.seed if settings else 0)  # fmt: skip
         return cls(engine, settings, **kwargs)
 
