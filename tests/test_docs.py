@@ -246,3 +246,22 @@ def test_config_reference_is_current():
         "docs/config_reference.md is out of date with the config files: run `python -m configs.reference` "
         "and commit docs/config_reference.md"
     )
+
+
+def test_field_comments_reads_one_line_and_wrapped_assignments(tmp_path):
+    """The generator's parser: inline comments, comments inside a wrapped value, a comment line above."""
+    from configs.reference import field_comments
+
+    path = tmp_path / "cfg.py"
+    path.write_text(
+        "def get_config():\n"
+        "    c.a.b = 1  # one line\n"
+        "    c.a.c = (\n"
+        "        2  # wrapped by the formatter\n"
+        "    )\n"
+        "    # above the field\n"
+        "    c.a.d = 3\n"
+        "    c.a.e = 4\n"
+    )
+    got = {k: v[0] for k, v in field_comments(path).items()}
+    assert got == {"a.b": "one line", "a.c": "wrapped by the formatter", "a.d": "above the field", "a.e": ""}
