@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from protocol_helpers import SAMPLES, make_tokenizer
+from protocol_helpers import make_tokenizer
 
 from atlas_jax.checkpoint import Checkpointer
 from atlas_jax.data.rl import load_problems
@@ -205,8 +205,3 @@ def test_full_disk_during_a_checkpoint_write(tmp_path, monkeypatch, async_save):
     fresh = Checkpointer(d)
     assert fresh.complete_steps() == [1] and fresh.restore_meta() == {"step": 1}
     np.testing.assert_array_equal(fresh.restore()["w"], np.ones(3, np.float32))
-
-
-def test_rl_sample_problems_still_load():
-    """Guard for the fixtures the catalogue relies on."""
-    assert len(load_problems(str(SAMPLES / "rl_sample.jsonl"))) == 16

@@ -92,7 +92,9 @@ def test_sigkill_at_random_step_resumes_bit_equal(tmp_path, runs, job):
         assert runs["refs"]["grpo"][3]["time/gen_baseline"] == 0.0  # step 4 made no baseline call: all cached
 
 
-@pytest.mark.parametrize(("job", "sig"), [("sft", signal.SIGTERM), ("grpo", signal.SIGINT)])
+@pytest.mark.parametrize(
+    ("job", "sig"), [("sft", signal.SIGTERM), ("grpo", signal.SIGINT)], ids=["sft-SIGTERM", "grpo-SIGINT"]
+)
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_preemption_signal_checkpoints_exits_0_and_resumes(tmp_path, runs, job, sig):
