@@ -198,8 +198,8 @@ def run_arms(
             alone.baseline_cache = cache
             alone.baselines(probs, step=ci)
             base["time"] += timed_student.seconds - before
-            base["rates"][si, idx] = [cache[p.id].pass_rate for p in probs]
-            base["samples"].extend(cache[p.id] for p in probs)
+            base["rates"][si, idx] = [cache[p.key].pass_rate for p in probs]
+            base["samples"].extend(cache[p.key] for p in probs)
             bar.update(1)
             for name, teacher in teachers.items():
                 timed_teacher = _TimedEngine(teacher)

@@ -4,7 +4,9 @@ Symbols (one teacher sample of one problem):
   p0   student pass rate without teaching (k baseline samples, cached per problem)
   p1   student pass rate with this teaching (m samples)
   Δ    p1 − p0
-  eff  efficiency bonus in [0, 1] (see ``efficiency_*`` below)
+  eff  efficiency bonus in [0, 1] (see ``efficiency_*`` below), forced to 0 by ``guarded_efficiency``
+       when the teaching is empty, the completion has no ``<teaching>`` tag, or the teacher completion
+       was truncated (finish reason "length"): eff = 𝟙[non-empty ∧ tagged ∧ finished] · eff_raw
   w    ``efficiency_weight``;  μ  ``degradation_penalty_multiplier``;  λ  ``leak_penalty``
 
 Rewards (select by name from ``REWARDS``; every function returns its terms separately, and the
@@ -30,10 +32,14 @@ sample, both binary::
   ``efficiency_weight`` and ``degradation_penalty_multiplier`` are ignored (the original table has
   neither).
 
-Leak penalty (both rewards, off when λ = 0): if the teaching contains the normalised ground truth
-(``leaked``), the positive part of the reward is dropped and λ is subtracted, so giving the answer away
-can never beat honest teaching: ``r = −μ·max(−Δ,0) − λ`` for ``asymmetric`` and
+Leak penalty (both rewards, off when λ = 0; the base config sets λ = 1): if the teaching states the
+ground truth (``leaked``, ``protocol/leak.py``: the number in digits or words, or an arithmetic
+expression equal to it), the positive part of the reward is dropped and λ is subtracted, so giving the
+answer away can never beat honest teaching: ``r = −μ·max(−Δ,0) − λ`` for ``asymmetric`` and
 ``r = −(1−p1)·p0 − λ`` for ``rcl_compat``.
+
+Empty teachings (``protocol.empty_teaching="baseline"``, the default) are no intervention: p1 = p0, so
+Δ = 0 and, with eff = 0, r = 0 under ``asymmetric``.
 """
 
 from __future__ import annotations
@@ -112,6 +118,15 @@ def student_shorter_efficiency(baseline_tokens: float, taught_tokens: float) -> 
     if baseline_tokens <= 0 or taught_tokens >= baseline_tokens:
         return 0.0
     return min(1.0, (baseline_tokens - taught_tokens) / baseline_tokens)
+
+
+def guarded_efficiency(eff: float, *, teaching: str, tag_found: bool, truncated: bool) -> float:
+    """eff = 0 for an empty teaching, a missing ``<teaching>`` tag or a truncated teacher completion.
+
+    Otherwise ``eff`` unchanged. A teacher must not earn a length bonus for saying nothing, for ignoring
+    the format, or for being cut off (a truncated completion is short only because the budget ended).
+    """
+    return eff if (teaching.strip() and tag_found and not truncated) else 0.0
 
 
 def efficiency_bonus(

@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.answer_field = "ground_truth"  # RL row field holding the reference answer
     c.data.shuffle = True  # reshuffle the training rows every epoch (seeded; the position is checkpointed)
     c.data.id_field = ""  # RL row id column; "" = problem_id, then id, then a hash of problem + answer
+    c.data.overlong = "skip"  # problems too long for protocol.max_prompt_tokens: "skip" (logged) or "error"
     c.data.weight_field = "bandit_weight"  # RL sampling-weight column (v1 files), used when present; "" = off
 
     c.protocol = ml_collections.ConfigDict()
@@ -55,7 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
         512  # pass 2: token budget of each teacher completion (thinking + teaching)
     )
     c.protocol.max_student_tokens = 512  # token budget of each student answer (baseline and taught)
-    c.protocol.max_prompt_tokens = 1024  # longest teacher prompt accepted; longer prompts are an error
+    c.protocol.max_prompt_tokens = (
+        1024  # longest prompt with a full probe, teaching excluded (teacher and student; data.overlong)
+    )
     c.protocol.num_baseline_samples = (
         4  # k: student samples per problem without teaching (cached: student is frozen)
     )
@@ -85,8 +88,10 @@ def get_config() -> ml_collections.ConfigDict:
     )
 
     c.protocol.empty_teaching = (
-        "template"  # empty teaching: "template" (taught template, empty hint) or "baseline" (no call; Δ = 0)
+        "baseline"  # empty teaching: "baseline" (no intervention: no call, Δ = 0) or "template" (empty hint)
     )
+    c.protocol.student_enable_thinking = False  # enable_thinking of the student's chat template (Qwen3)
+    c.protocol.teacher_enable_thinking = False  # enable_thinking of the teacher's chat template (Qwen3)
 
     c.reward = ml_collections.ConfigDict()
     c.reward.name = "asymmetric"  # reward function from the registry in atlas_jax/rewards.py
@@ -97,7 +102,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.reward.efficiency = (
         "teaching_length"  # eff: "teaching_length" (1 - L_teach/budget) or "student_shorter"
     )
-    c.reward.leak_penalty = 0.0  # > 0: teaching that states the answer loses its gain and pays this (0 = off)
+    c.reward.leak_penalty = (
+        1.0  # teaching that states the answer (protocol/leak.py) loses its gain, pays this
+    )
 
     c.engine = ml_collections.ConfigDict()
     c.engine.teacher = (
@@ -174,6 +181,9 @@ def get_config() -> ml_collections.ConfigDict:
     )
     c.grpo.ref_sync_steps = 2  # steps between EMA syncs of the reference (ref_update == "ema")
     c.grpo.ref_alpha = 0.9  # a in the EMA sync (seed: ref_model_mixup_alpha 0.9)
+    c.grpo.mask_truncated = (
+        False  # True: teacher completions cut by max_teaching_tokens add nothing to the loss
+    )
     c.grpo.logprob_chunk = 128  # sequence positions per logits chunk: peak logits memory is [B, chunk, V]
 
     c.optim = ml_collections.ConfigDict()

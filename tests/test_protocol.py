@@ -100,7 +100,7 @@ def test_settings_from_the_job_config():
         rollout_settings_from_config(c)
 
 
-def test_too_long_teacher_prompt_is_an_error_naming_problem_and_flag():
+def test_teacher_prompt_too_long_without_probe_is_an_error_naming_problem_and_flag():
     from protocol_helpers import HFEngine, make_model
 
     from atlas_jax.data.rl import Problem
@@ -109,7 +109,10 @@ def test_too_long_teacher_prompt_is_an_error_naming_problem_and_flag():
     tok = make_tokenizer()
     engine = HFEngine(make_model(tok), tok)
     rollout = TwoPassRollout(engine, engine, RolloutSettings(max_prompt_tokens=10))
-    with pytest.raises(ValueError, match=r"problem 'p7' has \d+ tokens > protocol.max_prompt_tokens=10"):
+    # Too long even with the probe cut away (load-time screening drops such problems before a run).
+    with pytest.raises(
+        ValueError, match=r"problem 'p7' has \d+ tokens with an empty probe > protocol.max_prompt_tokens=10"
+    ):
         rollout.teacher_prompts([Problem("p7", "What is 2+2?", "4")], ["add them"])
     with pytest.raises(ValueError, match="at least one problem"):
         rollout.run([])

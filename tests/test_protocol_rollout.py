@@ -140,7 +140,7 @@ def test_thinking_never_reaches_the_student(problems, student_tok, teacher_tok):
     chosen = problems[:2]
     # Greedy probes are deterministic, so we know the exact teacher prompts and can fit the teacher to them.
     probes = [c.text.strip() for c in rollout.probes(chosen)]
-    prompts = [text for text, _ in rollout.teacher_prompts(chosen, probes)]
+    prompts = [text for text, _ in rollout.teacher_prompts(chosen, probes)[0]]
     secret = "zebra secret"
     train_to_emit(
         teacher_model, teacher_tok, prompts, f"<thinking>{secret}</thinking><teaching>use the box</teaching>"
@@ -160,6 +160,18 @@ def test_thinking_never_reaches_the_student(problems, student_tok, teacher_tok):
     for prompts, _, _ in student.calls:
         for p in prompts:
             assert secret not in p and "<thinking>" not in p
+    assert all(ep.eff > 0 and ep.teacher_finish_reason == "stop" for ep in batch.episodes)
+
+    # Cut the same greedy teacher off inside its teaching: the partial teaching reaches the student, but a
+    # truncated completion earns no efficiency bonus.
+    import dataclasses
+
+    cut = len(teacher_tok.encode(f"<thinking>{secret}</thinking><teaching>use", add_special_tokens=False))
+    short = TwoPassRollout(student, teacher, dataclasses.replace(settings, max_teaching_tokens=cut))
+    short.baseline_cache = rollout.baseline_cache
+    for ep in short.run(chosen).episodes:
+        assert ep.teacher_finish_reason == "length" and ep.teaching_tag_found and ep.teaching == "use"
+        assert ep.eff == 0.0 and ep.reward_terms["eff"] == 0.0
 
 
 @pytest.mark.slow
@@ -178,7 +190,7 @@ def test_empty_teaching_as_no_intervention(problems, student_tok, teacher_tok):
     chosen = problems[:2]
     rollout = TwoPassRollout(student, teacher, settings)
     probes = [c.text.strip() for c in rollout.probes(chosen)]
-    prompts = [text for text, _ in rollout.teacher_prompts(chosen, probes)]
+    prompts = [text for text, _ in rollout.teacher_prompts(chosen, probes)[0]]
     train_to_emit(teacher_model, teacher_tok, prompts, "<teaching></teaching>")
     student.calls.clear()
 
@@ -188,7 +200,7 @@ def test_empty_teaching_as_no_intervention(problems, student_tok, teacher_tok):
     for group in batch.groups:
         for ep in group.episodes:
             assert (ep.teaching, ep.teaching_tag_found) == ("", True)
-            assert ep.taught is group.baseline and ep.p1 == group.p0 and ep.delta == 0.0
+            assert ep.taught is group.baseline and ep.p1 == group.p0 and ep.delta == 0.0 and ep.eff == 0.0
             assert ep.reward == 0.0
 
     student.calls.clear()

@@ -85,6 +85,7 @@ def encode_sft_row(
         tokenizer=tokenizer,
         chat=templates.teacher_chat,
         system=templates.teacher_system,
+        enable_thinking=templates.teacher_enable_thinking,
     )
     if tokenizer.eos_token_id is None:
         raise ValueError("the teacher tokenizer has no eos_token_id; SFT targets must end with EOS")

@@ -235,25 +235,8 @@ class AnswerChecker:
         return answer, verify(answer, gold, self.verifier)
 
 
-def contains_answer(text: str, gold: str) -> bool:
-    """Leak check: does ``text`` state the ground truth?
+def contains_answer(text: str, gold: str, question: str = "") -> bool:
+    """Leak check: does ``text`` state the ground truth? (the rules are in ``protocol/leak.py``)."""
+    from atlas_jax.protocol.leak import find_leak
 
-    Numeric answers: some number in the text (thousands separators removed) has the same value.
-    Other answers: the normalised answer occurs in the normalised text, not inside a longer word.
-    """
-    gold_norm = normalize_answer(gold)
-    if not gold_norm:
-        return False
-    value = as_number(gold_norm)
-    if value is not None:
-        cleaned = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text)
-        for token in re.findall(r"-?\d+(?:\.\d+)?(?:/\d+)?", cleaned):
-            number = as_number(token)
-            # "x-42" states 42 as much as "-42" does, so positive answers compare magnitudes.
-            if number is not None and (number == value or (value >= 0 and -number == value)):
-                return True
-        return False
-    # normalize_answer drops whitespace, so allow any whitespace between the answer's characters.
-    body = r"\s*".join(re.escape(ch) for ch in gold_norm)
-    pattern = r"(?<![a-z0-9])" + body + r"(?![a-z0-9])"
-    return re.search(pattern, text.lower()) is not None
+    return find_leak(text, gold, question) is not None

@@ -51,10 +51,10 @@ class RolloutSettings:
       verifier: "auto" (math-verify, then normalised match), "math", "normalised" or "exact".
       missing_teaching: rule when the teacher wrote no <teaching> tag: "strip_thinking" (default; the
         completion with every <thinking> block removed is the teaching) or "empty" (no teaching).
-      empty_teaching: what an empty teaching means: "template" (default; the student answers the taught
-        template with an empty teaching, m fresh samples) or "baseline" (an empty teaching is no
+      empty_teaching: what an empty teaching means: "baseline" (default; an empty teaching is no
         intervention: the student's cached baseline samples stand for its taught samples, so p1 = p0 and
-        Δ = 0 exactly, and no student call is made for it).
+        Δ = 0 exactly, and no student call is made for it) or "template" (the student answers the taught
+        template with an empty teaching, m fresh samples).
       seed: base seed; each phase derives its own seed from it and the step.
     """
 
@@ -75,7 +75,7 @@ class RolloutSettings:
     answer_extractor: str = "default"
     verifier: str = "auto"
     missing_teaching: str = "strip_thinking"
-    empty_teaching: str = "template"
+    empty_teaching: str = "baseline"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -135,6 +135,20 @@ class StudentSamples:
     def mean_tokens(self) -> float:
         """Mean completion length in tokens."""
         return float(np.mean(self.num_tokens)) if self.num_tokens else 0.0
+
+
+def samples_state(s: StudentSamples) -> dict:
+    """What a checkpoint keeps of cached baseline samples: everything rewards and metrics read (scores,
+    extracted answers, lengths, finish reasons), not the prompt and completion texts (they can be long)."""
+    return {"answers": list(s.answers), "correct": [bool(c) for c in s.correct],
+            "num_tokens": [int(n) for n in s.num_tokens], "finish_reasons": list(s.finish_reasons)}  # fmt: skip
+
+
+def samples_from_state(state: dict) -> StudentSamples:
+    """Inverse of ``samples_state``; ``prompt`` is "" and every text is "" (not checkpointed)."""
+    n = len(state["correct"])
+    return StudentSamples(prompt="", texts=[""] * n, answers=list(state["answers"]), correct=list(state["correct"]),
+                          num_tokens=list(state["num_tokens"]), finish_reasons=list(state["finish_reasons"]))  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -210,10 +224,12 @@ class RolloutBatch:
     Attributes:
       groups: one entry per problem, in the order given.
       baseline_cache_hits: how many problems reused a cached baseline in this call.
+      probes_cut: how many probes were shortened so the teacher prompt fits ``max_prompt_tokens``.
     """
 
     groups: list[ProblemGroup]
     baseline_cache_hits: int = 0
+    probes_cut: int = 0
 
     @property
     def episodes(self) -> list[Episode]:

@@ -2,14 +2,21 @@
 
 Phases, each one batched ``Engine.generate`` call:
 1. baseline: k student samples per problem without teaching, only for problems not yet in the cache
-   (the student is frozen, so p0 is computed once per problem id for the life of the object);
+   (the student is frozen, so p0 is computed once per problem for the life of the object; the cache key
+   is ``Problem.key``, the id *and* a hash of question + answer; ``baseline_state`` /
+   ``load_baseline_state`` move the cache in and out of checkpoints);
 2. probe (pass 1): one student sample per problem, at most ``max_probe_tokens`` tokens;
 3. teacher (pass 2): G samples per problem, all conditioned on the same prompt (problem + probe). The
    prompt is tokenised here with the teacher tokenizer and passed as ids, so the ids stored in each
-   ``Episode`` are exactly what the teacher was conditioned on;
+   ``Episode`` are exactly what the teacher was conditioned on. A prompt over ``max_prompt_tokens`` (the
+   probe re-tokenised by the teacher can be longer than in student tokens) gets its probe cut to fit,
+   counted in ``RolloutBatch.probes_cut``; problems too long even with an empty probe are found when the
+   data is loaded (``protocol/screening.py``), not here;
 4. teaching extraction (``protocol/teaching.py``): thinking never reaches the student;
 5. taught: m student samples per teaching (P·G prompts in one call);
-6. rewards (``atlas_jax.rewards``): Δ = p1 − p0, efficiency bonus, leak check, reward terms.
+6. rewards (``atlas_jax.rewards``): Δ = p1 − p0, efficiency bonus (0 for an empty teaching, a missing
+   ``<teaching>`` tag or a truncated teacher completion: ``rewards.guarded_efficiency``), leak check
+   (``protocol/leak.py``, on the teaching, with the question), reward terms.
 Student and teacher engines may be different engines with different tokenizers: student prompts are
 text (tokenised by the student engine), teacher prompts are teacher-token ids.
 
@@ -26,10 +33,18 @@ from collections.abc import Callable, Sequence
 from atlas_jax.data.rl import Problem
 from atlas_jax.engines.base import Completion, Engine, SamplingParams
 from atlas_jax.protocol.answers import AnswerChecker, contains_answer
-from atlas_jax.protocol.batch import Episode, ProblemGroup, RolloutBatch, RolloutSettings, StudentSamples
+from atlas_jax.protocol.batch import (
+    Episode,
+    ProblemGroup,
+    RolloutBatch,
+    RolloutSettings,
+    StudentSamples,
+    samples_from_state,
+    samples_state,
+)
 from atlas_jax.protocol.teaching import extract_teaching
 from atlas_jax.protocol.templates import fill, render
-from atlas_jax.rewards import RewardInputs, efficiency_bonus, get_reward
+from atlas_jax.rewards import RewardInputs, efficiency_bonus, get_reward, guarded_efficiency
 
 # Phase offsets mixed into the sampling seed so phases and steps draw different random numbers.
 _PHASE_BASELINE, _PHASE_PROBE, _PHASE_TEACHER, _PHASE_TAUGHT = range(4)
@@ -38,7 +53,7 @@ _PHASE_BASELINE, _PHASE_PROBE, _PHASE_TEACHER, _PHASE_TAUGHT = range(4)
 class TwoPassRollout:
     """Runs the protocol for batches of problems with a frozen student and a teacher policy.
 
-    Holds only the engines, the settings and the per-problem baseline cache.
+    Holds only the engines, the settings and the per-problem baseline cache (``{Problem.key: samples}``).
     """
 
     def __init__(
@@ -56,6 +71,7 @@ class TwoPassRollout:
         self.baseline_cache: dict[str, StudentSamples] = {}
         self.num_baseline_calls = 0
         self.row_offsets = row_offsets or (lambda phase, count: 0)
+        self.probes_cut = 0  # probes shortened to fit max_prompt_tokens (over the object's life)
 
     # -- helpers -------------------------------------------------------------------------------------
     def _seed(self, step: int, phase: int) -> int:
@@ -68,7 +84,28 @@ class TwoPassRollout:
             tokenizer=self.student.tokenizer if t.student_chat else None,  # remote students may have none
             chat=t.student_chat,
             system=t.student_system,
+            enable_thinking=t.student_enable_thinking,
         )
+
+    def teacher_prompt(self, question: str, approach: str) -> tuple[str, list[int]]:
+        """The rendered teacher prompt and its teacher-token ids."""
+        t, tok = self.settings.templates, self.teacher.tokenizer
+        text = render(
+            fill(t.teacher, question=question, approach=approach),
+            tokenizer=tok,
+            chat=t.teacher_chat,
+            system=t.teacher_system,
+            enable_thinking=t.teacher_enable_thinking,
+        )
+        return text, list(tok.encode(text, add_special_tokens=False))
+
+    def baseline_state(self) -> dict[str, dict]:
+        """The baseline cache as JSON-able data (see ``batch.samples_state``), for a checkpoint."""
+        return {key: samples_state(s) for key, s in self.baseline_cache.items()}
+
+    def load_baseline_state(self, state: dict[str, dict]) -> None:
+        """Restores a cache written by ``baseline_state`` (replacing the current one)."""
+        self.baseline_cache = {key: samples_from_state(v) for key, v in state.items()}
 
     def _score(self, prompt: str, completions: Sequence[Completion], answer: str) -> StudentSamples:
         checked = [self.checker(c.text, answer) for c in completions]
@@ -100,9 +137,9 @@ class TwoPassRollout:
         """Fills the baseline cache for problems not in it (one engine call); returns the cache hits."""
         todo: dict[str, Problem] = {}
         for p in problems:
-            if p.id not in self.baseline_cache:
-                todo.setdefault(p.id, p)
-        hits = sum(1 for p in problems if p.id not in todo)
+            if p.key not in self.baseline_cache:
+                todo.setdefault(p.key, p)
+        hits = sum(1 for p in problems if p.key not in todo)
         offset = self.row_offsets("baseline", len(todo))
         if not todo:
             return hits
@@ -113,7 +150,7 @@ class TwoPassRollout:
         outs = self.student.generate(prompts, params, n=self.settings.k)
         self.num_baseline_calls += 1
         for p, prompt, comps in zip(pending, prompts, outs, strict=True):
-            self.baseline_cache[p.id] = self._score(prompt, comps, p.answer)
+            self.baseline_cache[p.key] = self._score(prompt, comps, p.answer)
         return hits
 
     def probes(self, problems: Sequence[Problem], step: int = 0) -> list[Completion]:
@@ -128,29 +165,37 @@ class TwoPassRollout:
 
     def teacher_prompts(
         self, problems: Sequence[Problem], probes: Sequence[str]
-    ) -> list[tuple[str, list[int]]]:
-        """Rendered teacher prompts and their teacher-token ids.
+    ) -> tuple[list[tuple[str, list[int]]], list[str]]:
+        """Rendered teacher prompts with their teacher-token ids, and the probes they contain.
+
+        A prompt over ``max_prompt_tokens`` gets its probe cut (in teacher tokens, from the end) until it
+        fits; the returned probes are the cut ones.
 
         Raises:
-          ValueError: a prompt is longer than ``max_prompt_tokens`` (names the problem id).
+          ValueError: a prompt is too long even with an empty probe (names the problem id); load-time
+            screening (``protocol/screening.py``) removes such problems first.
         """
-        t, tok = self.settings.templates, self.teacher.tokenizer
-        result = []
+        limit, tok = self.settings.max_prompt_tokens, self.teacher.tokenizer
+        result, used = [], []
         for p, probe in zip(problems, probes, strict=True):
-            text = render(
-                fill(t.teacher, question=p.question, approach=probe),
-                tokenizer=tok,
-                chat=t.teacher_chat,
-                system=t.teacher_system,
-            )
-            ids = list(tok.encode(text, add_special_tokens=False))
-            if len(ids) > self.settings.max_prompt_tokens:
-                raise ValueError(
-                    f"teacher prompt of problem {p.id!r} has {len(ids)} tokens > protocol.max_prompt_tokens="
-                    f"{self.settings.max_prompt_tokens}; raise the limit or shorten the problem/template"
-                )
+            text, ids = self.teacher_prompt(p.question, probe)
+            if len(ids) > limit:
+                probe_ids = list(tok.encode(probe, add_special_tokens=False))
+                keep = len(probe_ids)
+                while len(ids) > limit and keep > 0:  # each pass drops >= 1 probe token
+                    keep = max(keep - (len(ids) - limit), 0)
+                    probe = tok.decode(probe_ids[:keep]).strip()
+                    text, ids = self.teacher_prompt(p.question, probe)
+                if len(ids) > limit:
+                    raise ValueError(
+                        f"teacher prompt of problem {p.id!r} has {len(ids)} tokens with an empty probe > "
+                        f"protocol.max_prompt_tokens={limit}; screen the problems at load time "
+                        "(protocol.screening.screen_problems) or raise --config.protocol.max_prompt_tokens"
+                    )
+                self.probes_cut += 1
             result.append((text, ids))
-        return result
+            used.append(probe)
+        return result, used
 
     # -- the whole rollout ---------------------------------------------------------------------------
     def run(self, problems: Sequence[Problem], step: int = 0) -> RolloutBatch:
@@ -160,8 +205,8 @@ class TwoPassRollout:
             raise ValueError("TwoPassRollout.run needs at least one problem")
         hits = self.baselines(problems, step)
         probe_comps = self.probes(problems, step)
-        probes = [c.text.strip() for c in probe_comps]
-        prompts = self.teacher_prompts(problems, probes)
+        cut_before = self.probes_cut
+        prompts, probes = self.teacher_prompts(problems, [c.text.strip() for c in probe_comps])
         teacher_params = SamplingParams(
             temperature=s.teacher_temperature,
             top_p=s.teacher_top_p,
@@ -193,7 +238,7 @@ class TwoPassRollout:
         for i, (p, probe_c, probe, (prompt_text, prompt_ids)) in enumerate(
             zip(problems, probe_comps, probes, prompts, strict=True)
         ):
-            baseline = self.baseline_cache[p.id]
+            baseline = self.baseline_cache[p.key]
             p0 = baseline.pass_rate
             episodes = []
             for g, comp in enumerate(teacher_out[i]):
@@ -202,14 +247,19 @@ class TwoPassRollout:
                 out_j = taught_out[j]
                 taught = baseline if out_j is None else self._score(taught_prompts[j], out_j, p.answer)
                 teaching_tokens = len(tok.encode(teaching, add_special_tokens=False)) if teaching else 0
-                eff = efficiency_bonus(
-                    s.reward_params.efficiency,
-                    teaching_tokens=teaching_tokens,
-                    max_teaching_tokens=s.max_teaching_tokens,
-                    baseline_tokens=baseline.mean_tokens,
-                    taught_tokens=taught.mean_tokens,
+                eff = guarded_efficiency(
+                    efficiency_bonus(
+                        s.reward_params.efficiency,
+                        teaching_tokens=teaching_tokens,
+                        max_teaching_tokens=s.max_teaching_tokens,
+                        baseline_tokens=baseline.mean_tokens,
+                        taught_tokens=taught.mean_tokens,
+                    ),
+                    teaching=teaching,
+                    tag_found=found,
+                    truncated=comp.finish_reason == "length",
                 )
-                leaked = bool(teaching) and contains_answer(teaching, p.answer)
+                leaked = bool(teaching) and contains_answer(teaching, p.answer, p.question)
                 terms = self.reward_fn(RewardInputs(p0, taught.pass_rate, eff, leaked), s.reward_params)
                 episodes.append(
                     Episode(
@@ -243,4 +293,4 @@ class TwoPassRollout:
                     episodes=episodes,
                 )
             )
-        return RolloutBatch(groups=groups, baseline_cache_hits=hits)
+        return RolloutBatch(groups=groups, baseline_cache_hits=hits, probes_cut=self.probes_cut - cut_before)

@@ -30,6 +30,8 @@ def templates_from_config(protocol: Any) -> Templates:
         teacher_chat=bool(protocol.teacher_chat),
         student_system=protocol.student_system,
         teacher_system=protocol.teacher_system,
+        student_enable_thinking=bool(protocol.get("student_enable_thinking", False)),
+        teacher_enable_thinking=bool(protocol.get("teacher_enable_thinking", False)),
     )
 
 

@@ -17,7 +17,9 @@ and inserted text is never re-scanned, so a problem containing ``{teaching}`` ca
 contain one that is not allowed for it.
 
 Per role (``student`` / ``teacher``) prompts are either raw text or the role tokenizer's chat template
-(``apply_chat_template(..., add_generation_prompt=True)``) with an optional system message.
+(``apply_chat_template(..., add_generation_prompt=True, enable_thinking=...)``) with an optional system
+message. ``enable_thinking`` is the per-role flag (Qwen3 templates read it: False closes an empty
+``<think></think>`` in the prompt, True lets the model think first; other templates ignore it).
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ class Templates:
       teacher_chat: render teacher prompts with the teacher tokenizer's chat template.
       student_system: optional system message for chat-mode student prompts ("" = none).
       teacher_system: optional system message for chat-mode teacher prompts ("" = none).
+      student_enable_thinking: ``enable_thinking`` passed to the student's chat template.
+      teacher_enable_thinking: ``enable_thinking`` passed to the teacher's chat template.
     """
 
     student_baseline: str = DEFAULT_STUDENT_BASELINE
@@ -84,6 +88,8 @@ class Templates:
     teacher_chat: bool = False
     student_system: str = ""
     teacher_system: str = ""
+    student_enable_thinking: bool = False
+    teacher_enable_thinking: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -129,7 +135,7 @@ def fill(template: str, **values: str) -> str:
     return _PLACEHOLDER_RE.sub(_sub, template)
 
 
-def render(text: str, *, tokenizer: Any, chat: bool, system: str = "") -> str:
+def render(text: str, *, tokenizer: Any, chat: bool, system: str = "", enable_thinking: bool = False) -> str:
     """Turns a filled template into the prompt text an engine receives.
 
     Args:
@@ -137,6 +143,7 @@ def render(text: str, *, tokenizer: Any, chat: bool, system: str = "") -> str:
       tokenizer: the role's HF tokenizer (only used in chat mode).
       chat: apply the tokenizer's chat template (with the generation prompt).
       system: system message for chat mode ("" = none).
+      enable_thinking: passed to the chat template (Qwen3: think before answering).
 
     Raises:
       ValueError: chat mode but the tokenizer has no chat template.
@@ -150,4 +157,6 @@ def render(text: str, *, tokenizer: Any, chat: bool, system: str = "") -> str:
         )
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": text})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, enable_thinking=bool(enable_thinking)
+    )

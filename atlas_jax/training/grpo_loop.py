@@ -28,6 +28,7 @@ from atlas_jax.engines.base import Engine
 from atlas_jax.engines.jax_sampler import JaxSampler
 from atlas_jax.metrics import rollout_metrics
 from atlas_jax.protocol.batch import RolloutBatch
+from atlas_jax.protocol.screening import screen_problems
 from atlas_jax.training import host_rollout, rl_setup
 from atlas_jax.training.grpo import GRPOLearner, GRPOSpec
 from atlas_jax.training.nan_guard import NonFiniteMonitor
@@ -113,10 +114,20 @@ def train_grpo(
     learner = GRPOLearner(policy, spec)
     timer = PhaseTimer()
     timed_student, timed_teacher = _Timed(student), _Timed(teacher)
-    hosts = host_rollout.HostRollout(
-        timed_student, timed_teacher, rl_setup.rollout_settings(config), policy.mesh,
-        int(g.problems_per_step), int(g.num_generations),
-    )  # fmt: skip
+    settings = rl_setup.rollout_settings(config)
+    hosts, eval_hosts = (host_rollout.HostRollout(
+        timed_student, timed_teacher, settings, policy.mesh, int(g.problems_per_step), int(g.num_generations),
+    ) for _ in range(2))  # fmt: skip  # evaluation has its own baseline cache
+    restore_baselines(policy.meta, hosts.rollout, eval_hosts.rollout)
+    mode = str(config.data.overlong)
+    train, overlong = screen_problems(hosts.rollout, train, mode=mode, source="training problems")
+    eval_problems, eval_skipped = screen_problems(
+        hosts.rollout, eval_problems, mode=mode, source="eval problems"
+    )
+    if overlong or eval_skipped:
+        print(f"[grpo] skipped over-long problems (protocol.max_prompt_tokens={settings.max_prompt_tokens}): "
+              f"{len(overlong)} training, {len(eval_skipped)} eval; first: {(overlong or eval_skipped)[0][1]}",
+              flush=True)  # fmt: skip
     order = problem_order(train, int(config.seed), bool(config.data.shuffle), policy.data_position)
     writer = MetricsWriter(config.output_dir, tensorboard=bool(lg.tensorboard), resume_step=policy.start_step)
     total = int(g.num_steps)
@@ -137,14 +148,23 @@ def train_grpo(
         phases = phase_times(timed_student.pop(), timed_teacher.pop(), time.perf_counter() - t_roll)
         episodes = batch.episodes
         with timer("update"):
-            arrays = hosts.learner_batch(learner, local)  # this host's rows of the global batch
+            # this host's rows of the global batch
+            arrays = hosts.learner_batch(learner, local, mask_truncated=bool(g.mask_truncated))
             metrics = jax.device_get(learner.update(arrays, step))
         skipped = monitor.observe(step + 1, metrics)  # raises after max_nonfinite_steps in a row
+        t_eval, evaluated = time.perf_counter(), {}
+        # Evaluate before the save, so the checkpoint holds the evaluation's baseline cache too.
+        if (eval_every and (step + 1) % eval_every == 0) or step + 1 == total:
+            evaluated = _evaluate(config, eval_hosts, teacher, policy, eval_problems, writer, step + 1)
+        t_eval = time.perf_counter() - t_eval
         with timer("checkpoint"):
             if not skipped:  # a step whose update was skipped is never checkpointed
-                policy.save(step + 1, data_position=order.position, extra=policy.extra)
+                meta = baseline_meta(hosts.rollout, eval_hosts.rollout)
+                policy.save(step + 1, data_position=order.position, extra=policy.extra, meta=meta)
         record = {
             **rollout_metrics(batch),
+            "probes_cut": batch.probes_cut,
+            "overlong_skipped": len(overlong),
             **metrics,
             "lr": float(policy.schedule(int(policy.state.step) - 1)),
         }
@@ -154,13 +174,12 @@ def train_grpo(
         record["update_tokens_per_s"] = (
             float(metrics["completion_tokens"]) * int(g.num_iterations) / max(record["time/update"], 1e-9)
         )
-        dt = time.perf_counter() - t0
+        dt = time.perf_counter() - t0 - t_eval
         record["time/step"] = dt
         record["teacher_tokens_per_s"] = float(sum(len(e.teacher_completion_ids) for e in episodes)) / max(
             dt, 1e-9
         )
-        if (eval_every and (step + 1) % eval_every == 0) or step + 1 == total:
-            record.update(_evaluate(config, hosts, teacher, policy, eval_problems, writer, step + 1))
+        record.update(evaluated)
         writer.write(step + 1, record)
         bar.set_postfix(reward=f"{record['reward_mean']:.3f}", ndr=f"{record['ndr']:.2f}")
         bar.update(1)
@@ -168,13 +187,27 @@ def train_grpo(
             end = step + 1
             break
     stop.close()
-    policy.save(end, data_position=order.position, extra=policy.extra, force=True)
+    meta = baseline_meta(hosts.rollout, eval_hosts.rollout)
+    policy.save(end, data_position=order.position, extra=policy.extra, meta=meta, force=True)
     policy.ckpt.wait()
     bar.close()
     writer.close()
     if end == total:
         _maybe_export(config, policy)
     return policy
+
+
+def baseline_meta(rollout: Any, eval_rollout: Any) -> dict[str, Any]:
+    """Checkpoint meta holding both baseline caches (training and evaluation), so a resumed run scores
+    every problem against the same p0 and baseline lengths as an uninterrupted one."""
+    return {"baseline_cache": {"train": rollout.baseline_state(), "eval": eval_rollout.baseline_state()}}
+
+
+def restore_baselines(meta: dict[str, Any], rollout: Any, eval_rollout: Any) -> None:
+    """Loads the caches written by ``baseline_meta`` (no-op for a fresh run)."""
+    caches = meta.get("baseline_cache", {})
+    rollout.load_baseline_state(caches.get("train", {}))
+    eval_rollout.load_baseline_state(caches.get("eval", {}))
 
 
 def problem_order(problems: Sequence[Any], seed: int, shuffle: bool, position: dict) -> Any:

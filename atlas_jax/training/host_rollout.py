@@ -73,6 +73,13 @@ def process_shares(
     return shares
 
 
+def mask_rows(arrays: dict[str, np.ndarray], masked: Sequence[bool]) -> None:
+    """Zeroes ``completion_mask`` of the masked rows (row i = episode i): they add nothing to the loss."""
+    rows = [i for i, m in enumerate(masked) if m]
+    if rows:
+        arrays["completion_mask"][rows] = 0.0
+
+
 def even_bounds(n: int, count: int, index: int) -> tuple[int, int]:
     """Share ``index`` of ``count`` near-equal contiguous shares of ``n`` items (the larger ones first)."""
     base, extra = divmod(n, count)
@@ -270,15 +277,22 @@ class HostRollout:
             for k, v in entries.items():
                 cache.setdefault(k, v)
         groups = [g for _, b in gathered for g in b.groups]
-        return local, RolloutBatch(groups, sum(b.baseline_cache_hits for _, b in gathered))
+        hits, cut = (sum(getattr(b, k) for _, b in gathered) for k in ("baseline_cache_hits", "probes_cut"))
+        return local, RolloutBatch(groups, hits, cut)
 
-    def learner_batch(self, learner: Any, local: RolloutBatch) -> Any:
-        """This host's learner rows as part of the global batch (host numpy on one process)."""
+    def learner_batch(self, learner: Any, local: RolloutBatch, *, mask_truncated: bool = False) -> Any:
+        """This host's learner rows as part of the global batch (host numpy on one process).
+
+        ``mask_truncated``: rows of teacher completions cut by the token budget (finish reason "length")
+        get an all-zero ``completion_mask``, so they add nothing to the loss (``grpo.mask_truncated``).
+        """
         episodes = local.episodes
         arrays = learner.build_batch(
             [e.teacher_prompt_ids for e in episodes], [e.teacher_completion_ids for e in episodes],
             [e.teacher_logprobs for e in episodes], local.rewards(),
         )  # fmt: skip
+        if mask_truncated:
+            mask_rows(arrays, [e.teacher_finish_reason == "length" for e in episodes])
         if not self.multi:
             return arrays
         c = arrays["completion_mask"].shape[1]

@@ -35,7 +35,8 @@ def templates_from_config(config: Any) -> Templates:
     """The protocol templates; raises ``ValueError`` naming the flag when a placeholder is missing."""
     p = config.protocol
     values = {field: getattr(p, key) for key, field in _TEMPLATE_FIELDS.items() if getattr(p, key, "")}
-    for flag in ("student_chat", "teacher_chat", "student_system", "teacher_system"):
+    for flag in ("student_chat", "teacher_chat", "student_system", "teacher_system", "student_enable_thinking",
+                 "teacher_enable_thinking"):  # fmt: skip
         if flag in p:
             values[flag] = p[flag]
     try:

@@ -131,6 +131,7 @@ class Policy:
     data_position: dict[str, Any]
     extra: dict[str, Any]
     output_dir: Path
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # restored checkpoint meta (not step/data)
 
     @property
     def params(self) -> dict[str, jax.Array]:
@@ -142,11 +143,15 @@ class Policy:
         *,
         data_position: Mapping[str, Any],
         extra: Mapping[str, Any] | None = None,
+        meta: Mapping[str, Any] | None = None,
         force=False,
     ) -> bool:
-        """Checkpoints the state as ``step`` (when due under ``checkpoint.every_steps``, or ``force``)."""
+        """Checkpoints the state as ``step`` (when due under ``checkpoint.every_steps``, or ``force``).
+
+        ``meta`` (JSON-able, e.g. the baseline cache) is restored into ``Policy.meta`` on resume.
+        """
         return self.ckpt.save(
-            step, self.state, self.rng, data_position=data_position, extra=extra, force=force
+            step, self.state, self.rng, data_position=data_position, extra=extra, meta=meta, force=force
         )
 
 
@@ -199,11 +204,14 @@ def make_policy(
         async_save=bool(ck.async_save),
     )
     _write_model_files(out / "checkpoints", cfg, path)
-    start, position = 0, {}
+    start, position, restored = 0, {}, {}
     if ck.resume and ckpt.latest_step() is not None:
         state, rng, extra, meta = ckpt.restore(state, rng, extra=extra)
         start, position = int(meta["step"]), dict(meta.get("data", {}))
-    return Policy(mesh, cfg, graphdef, rest, tx, schedule, state, rng, ckpt, start, position, extra, out)
+        restored = {k: v for k, v in meta.items() if k not in ("step", "data")}
+    return Policy(
+        mesh, cfg, graphdef, rest, tx, schedule, state, rng, ckpt, start, position, extra, out, restored
+    )
 
 
 def check_writable(output_dir: str) -> None:
