@@ -72,3 +72,84 @@ def test_six_steps_equal_three_plus_resume_plus_three(tmp_path):
     for x, y in zip(jax.tree.leaves(oa), jax.tree.leaves(ob), strict=True):
         np.testing.assert_array_equal(x, y)
     assert (tmp_path / "b" / "tensorboard").is_dir()
+
+
+# -- GRPO: the baseline cache (p0, baseline lengths) travels in the checkpoint -------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+    from protocol_helpers import make_model, make_tokenizer
+
+    root = tmp_path_factory.mktemp("models")
+    tok = make_tokenizer()
+    out = {}
+    for name, seed in (("teacher", 0), ("student", 1)):
+        make_model(tok, seed).save_pretrained(root / name, safe_serialization=True)
+        tok.save_pretrained(root / name)
+        out[name] = str(root / name)
+    return out
+
+
+def _rl_file(tmp_path):
+    """The v1 fixture (bandit weights: the weighted order is resumed too) plus one over-long problem."""
+    import json
+    from pathlib import Path
+
+    fixture = Path(__file__).resolve().parent / "fixtures" / "arc_atlas_teach" / "rl_v1.jsonl"
+    rows = [json.loads(x) for x in fixture.read_text().splitlines()]
+    long_row = {**rows[0], "problem_id": "too-long", "prompt": "Count the apples. " * 40, "bandit_weight": 5.0}
+    path = tmp_path / "rl.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*rows, long_row]))
+    return str(path)
+
+
+def _grpo_config(out, folders, rl_path, **ckpt):
+    c = get_config()
+    c.job = "grpo"
+    c.output_dir = str(out)
+    c.model.teacher, c.model.student = folders["teacher"], folders["student"]
+    c.model.compute_dtype = "float32"
+    c.model.remat = False
+    c.data.rl_path, c.data.eval_fraction = rl_path, 0.1
+    c.protocol.baseline_template = "Q: {question}\nA:"
+    c.protocol.probe_template = "Q: {question}\nPlan:"
+    c.protocol.teacher_template = "Q: {question}\nPlan: {approach}\nTeach:"
+    c.protocol.taught_template = "Q: {question}\nHint: {teaching}\nA:"
+    c.protocol.max_prompt_tokens = 96
+    c.protocol.max_probe_tokens, c.protocol.max_teaching_tokens, c.protocol.max_student_tokens = 6, 12, 6
+    c.protocol.num_baseline_samples = c.protocol.num_student_samples = 2
+    c.protocol.student_temperature = 1.0  # sampled baselines: recomputing one would change p0
+    c.reward.efficiency = "student_shorter"  # rewards read the cached baseline lengths too
+    c.grpo.num_steps, c.grpo.problems_per_step, c.grpo.num_generations, c.grpo.micro_batch_size = 4, 4, 2, 8
+    c.grpo.learning_rate, c.grpo.beta = 1e-3, 0.0
+    c.eval.every_steps, c.eval.num_problems = 2, 3
+    c.logging.progress_bar, c.logging.tensorboard = False, False
+    c.checkpoint.every_steps = 2
+    c.checkpoint.async_save = False
+    for k, v in ckpt.items():
+        c.checkpoint[k] = v
+    return c
+
+
+@pytest.mark.slow
+def test_grpo_resume_restores_the_baseline_caches(tmp_path, hf_folders):
+    from launch.train import train
+
+    rl = _rl_file(tmp_path)
+    train(_grpo_config(tmp_path / "a", hf_folders, rl))
+    train(_grpo_config(tmp_path / "b", hf_folders, rl, stop_after_steps=2))
+    from atlas_jax.checkpoint import Checkpointer
+
+    with Checkpointer(tmp_path / "b" / "checkpoints") as ck:
+        caches = ck.restore_meta()["baseline_cache"]
+    assert caches["train"] and caches["eval"]  # both caches are in the checkpoint, keyed by id#hash
+    assert all("#" in key for key in caches["train"]) and not set(caches["train"]) & set(caches["eval"])
+    train(_grpo_config(tmp_path / "b", hf_folders, rl))  # resumes at step 2
+    ma, mb = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [m["step"] for m in ma] == [m["step"] for m in mb] == [1, 2, 3, 4]
+    assert all(m["overlong_skipped"] == 1 for m in ma + mb)  # the long problem never reached a step
+    for a, b in zip(ma, mb, strict=True):
+        keys = [k for k in a if not k.startswith("time/") and not k.endswith("_per_s")]
+        assert keys and {k: a[k] for k in keys} == {k: b[k] for k in keys}, a["step"]
+    assert "eval/reward_mean" in ma[1] and "eval/reward_mean" in ma[3]
