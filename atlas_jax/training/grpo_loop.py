@@ -115,9 +115,12 @@ def train_grpo(
     timer = PhaseTimer()
     timed_student, timed_teacher = _Timed(student), _Timed(teacher)
     settings = rl_setup.rollout_settings(config)
-    hosts, eval_hosts = (host_rollout.HostRollout(
-        timed_student, timed_teacher, settings, policy.mesh, int(g.problems_per_step), int(g.num_generations),
-    ) for _ in range(2))  # fmt: skip  # evaluation has its own baseline cache
+
+    def make_hosts() -> host_rollout.HostRollout:
+        p, n = int(g.problems_per_step), int(g.num_generations)
+        return host_rollout.HostRollout(timed_student, timed_teacher, settings, policy.mesh, p, n)
+
+    hosts, eval_hosts = make_hosts(), make_hosts()  # evaluation has its own baseline cache
     restore_baselines(policy.meta, hosts.rollout, eval_hosts.rollout)
     mode = str(config.data.overlong)
     train, overlong = screen_problems(hosts.rollout, train, mode=mode, source="training problems")
