@@ -98,7 +98,12 @@ def _rl_file(tmp_path):
 
     fixture = Path(__file__).resolve().parent / "fixtures" / "arc_atlas_teach" / "rl_v1.jsonl"
     rows = [json.loads(x) for x in fixture.read_text().splitlines()]
-    long_row = {**rows[0], "problem_id": "too-long", "prompt": "Count the apples. " * 40, "bandit_weight": 5.0}
+    long_row = {
+        **rows[0],
+        "problem_id": "too-long",
+        "prompt": "Count the apples. " * 40,
+        "bandit_weight": 5.0,
+    }
     path = tmp_path / "rl.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in [*rows, long_row]))
     return str(path)
@@ -146,6 +151,12 @@ def test_grpo_resume_restores_the_baseline_caches(tmp_path, hf_folders):
     assert caches["train"] and caches["eval"]  # both caches are in the checkpoint, keyed by id#hash
     assert all("#" in key for key in caches["train"]) and not set(caches["train"]) & set(caches["eval"])
     train(_grpo_config(tmp_path / "b", hf_folders, rl))  # resumes at step 2
+    final = {}
+    for run in ("a", "b"):
+        with Checkpointer(tmp_path / run / "checkpoints") as ck:
+            final[run] = ck.restore_meta()["baseline_cache"]
+    # Equal caches at the end: the resumed run neither lost nor re-sampled a baseline of the first half.
+    assert final["a"] == final["b"] and set(caches["train"]) < set(final["a"]["train"])
     ma, mb = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     assert [m["step"] for m in ma] == [m["step"] for m in mb] == [1, 2, 3, 4]
     assert all(m["overlong_skipped"] == 1 for m in ma + mb)  # the long problem never reached a step
