@@ -34,7 +34,9 @@ class Budgets:
     max_student_tokens: int
 
 
-def template_tokens(template: str, tokenizer: Any, *, chat: bool, system: str = "") -> int:
+def template_tokens(
+    template: str, tokenizer: Any, *, chat: bool, system: str = "", enable_thinking: bool = False
+) -> int:
     """Tokens of ``template`` rendered for its role with every placeholder empty.
 
     Without a tokenizer (``None``) the UTF-8 byte count is returned: a byte-level BPE never needs more
@@ -45,7 +47,7 @@ def template_tokens(template: str, tokenizer: Any, *, chat: bool, system: str = 
         if chat:
             raise ValueError("chat prompting needs the role's tokenizer to count template tokens")
         return len(text.encode())
-    rendered = render(text, tokenizer=tokenizer, chat=chat, system=system)
+    rendered = render(text, tokenizer=tokenizer, chat=chat, system=system, enable_thinking=enable_thinking)
     return len(tokenizer.encode(rendered, add_special_tokens=False))
 
 
@@ -58,7 +60,8 @@ def student_context(b: Budgets, templates: Templates, tokenizer: Any) -> int:
     """The longest student sequence of the protocol (see the module docstring)."""
 
     def tokens(text: str) -> int:
-        return template_tokens(text, tokenizer, chat=templates.student_chat, system=templates.student_system)
+        return template_tokens(text, tokenizer, chat=templates.student_chat, system=templates.student_system,
+                               enable_thinking=templates.student_enable_thinking)  # fmt: skip
 
     q, p, t, s = b.max_prompt_tokens, b.max_probe_tokens, b.max_teaching_tokens, b.max_student_tokens
     taught = tokens(templates.student_taught) + q + t + s + 2 * SLACK
