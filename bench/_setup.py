@@ -37,8 +37,7 @@ def random_params(cfg: Any, seed: int = 0) -> dict[str, np.ndarray]:
 
     rng = np.random.default_rng(seed)
     flat = {}
-    for row, ours, _ in mapping.expand(cfg):
-        shape = mapping.ours_shape(row, cfg)
+    for ours, shape in mapping.flat_shapes(cfg).items():
         scale = ours.endswith("scale")
         flat[ours] = np.ones(shape, np.float32) if scale else rng.standard_normal(shape, np.float32) * 0.05
     return flat

@@ -37,6 +37,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.remat = (
         True  # rematerialise each decoder layer in the backward pass (less memory, ~30% more compute)
     )
+    c.model.remat_policy = (
+        "full"  # what a remat layer keeps: "full" (nothing), "save_dots" (matmuls), "offload"
+    )
+    c.model.attention = (
+        "auto"  # kernel: auto (splash TPU, cuDNN GPU bf16, else xla), dense, xla, cudnn, splash
+    )
 
     c.data = ml_collections.ConfigDict()
     c.data.sft_path = ""  # SFT rows: local jsonl/json/parquet file, saved dataset dir, or hub name

@@ -30,6 +30,7 @@ import numpy as np
 
 from atlas_jax.checkpoint import Checkpointer, write_json
 from atlas_jax.models.config import DTYPES, ModelConfig
+from atlas_jax.models.params import stack_layers
 from converters import mapping
 from converters.hf_to_jax import ASSETS_DIR, copy_assets, np_dtype, read_model_config
 from converters.safetensors_io import DEFAULT_MAX_SHARD_BYTES, atomic_dir, write_safetensors
@@ -123,7 +124,7 @@ def _write_tokenizer(src: Any, dst: Path) -> None:
 
 
 def params_from_state(state: Any) -> dict[str, Any]:
-    """Flat params from a restored state: flat dict, nested dict, or a dict with a ``params`` entry."""
+    """Flat params (stacked layout) from a restored state: flat dict, nested dict, or a dict with ``params``."""
     if isinstance(state, Mapping) and "params" in state and "embed/embedding" not in state:
         state = state["params"]
     if not isinstance(state, Mapping):
@@ -141,7 +142,7 @@ def params_from_state(state: Any) -> dict[str, Any]:
     # nnx.State pure dicts may wrap leaves as {"value": array}; strip that suffix.
     if flat and all(k.endswith("/value") for k in flat):
         flat = {k[: -len("/value")]: v for k, v in flat.items()}
-    return flat
+    return stack_layers(flat)  # checkpoints from before the stacked-layer layout hold layers/{i}/...
 
 
 def convert(

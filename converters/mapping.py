@@ -11,6 +11,11 @@ transposes and reshapes; a ``plain`` row only reshapes (biases ``[N*H]`` <-> ``[
 (norm scales, the embedding). Dimension letters: V vocab, D hidden, N heads, K kv heads,
 H head_dim, F intermediate.
 
+Stacked layers. The decoder keeps every per-layer parameter in one stacked array with a leading ``[L]``
+axis (``layers/attn/q_proj/kernel`` is ``[L, D, N, H]``; the model runs its layers under ``lax.scan``); a
+per-layer row maps HF ``model.layers.{i}.…`` to index ``i`` of that array. Checkpoints written before the
+stacking (``layers/{i}/…`` paths) are restacked on load by ``atlas_jax.models.params.stack_layers``.
+
 Strictness. Every expected tensor must be present, every given tensor must be consumed, and each
 shape must match; errors name the tensor and the expected/got shapes. Two documented exceptions
 when reading HF checkpoints: a tied model (``tie_word_embeddings``) whose checkpoint still contains
@@ -26,7 +31,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Iterator, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -52,8 +57,8 @@ class Row:
     """One tensor: our path template, the HF name template and how to convert between them.
 
     Attributes:
-      ours: our flat path, ``{i}`` standing for the layer index.
-      hf: the HF parameter name, same placeholder.
+      ours: our flat path (per-layer rows: the stacked ``[L, ...]`` array).
+      hf: the HF parameter name, ``{i}`` standing for the layer index of per-layer rows.
       kind: "linear" (HF ``[prod(out), prod(in)]`` <-> ours ``[*in, *out]``) or "plain" (HF
         ``[prod(ours)]``-compatible reshape; identical shape for norms/embedding).
       dims_in: dimension letters of our leading (input) axes, e.g. "D" or "N H".
@@ -72,7 +77,16 @@ class Row:
 
     @property
     def per_layer(self) -> bool:
-        return "{i}" in self.ours
+        return "{i}" in self.hf
+
+
+class Entry(NamedTuple):
+    """One HF tensor: its row, our (stacked) path, its layer index in that path (None if not per layer), HF name."""
+
+    row: Row
+    ours: str
+    layer: int | None
+    hf: str
 
 
 def _linear(ours: str, hf: str, dims_in: str, dims_out: str, when: str = "always") -> Row:
@@ -86,26 +100,26 @@ def _plain(ours: str, hf: str, dims: str, hf_dims: str | None = None, when: str 
 _L = "model.layers.{i}."
 _BASE = (
     _plain("embed/embedding", "model.embed_tokens.weight", "V D"),
-    _plain("layers/{i}/input_norm/scale", _L + "input_layernorm.weight", "D"),
-    _linear("layers/{i}/attn/q_proj/kernel", _L + "self_attn.q_proj.weight", "D", "N H"),
-    _linear("layers/{i}/attn/k_proj/kernel", _L + "self_attn.k_proj.weight", "D", "K H"),
-    _linear("layers/{i}/attn/v_proj/kernel", _L + "self_attn.v_proj.weight", "D", "K H"),
-    _linear("layers/{i}/attn/o_proj/kernel", _L + "self_attn.o_proj.weight", "N H", "D"),
-    _plain("layers/{i}/post_attn_norm/scale", _L + "post_attention_layernorm.weight", "D"),
-    _linear("layers/{i}/mlp/gate_proj/kernel", _L + "mlp.gate_proj.weight", "D", "F"),
-    _linear("layers/{i}/mlp/up_proj/kernel", _L + "mlp.up_proj.weight", "D", "F"),
-    _linear("layers/{i}/mlp/down_proj/kernel", _L + "mlp.down_proj.weight", "F", "D"),
+    _plain("layers/input_norm/scale", _L + "input_layernorm.weight", "D"),
+    _linear("layers/attn/q_proj/kernel", _L + "self_attn.q_proj.weight", "D", "N H"),
+    _linear("layers/attn/k_proj/kernel", _L + "self_attn.k_proj.weight", "D", "K H"),
+    _linear("layers/attn/v_proj/kernel", _L + "self_attn.v_proj.weight", "D", "K H"),
+    _linear("layers/attn/o_proj/kernel", _L + "self_attn.o_proj.weight", "N H", "D"),
+    _plain("layers/post_attn_norm/scale", _L + "post_attention_layernorm.weight", "D"),
+    _linear("layers/mlp/gate_proj/kernel", _L + "mlp.gate_proj.weight", "D", "F"),
+    _linear("layers/mlp/up_proj/kernel", _L + "mlp.up_proj.weight", "D", "F"),
+    _linear("layers/mlp/down_proj/kernel", _L + "mlp.down_proj.weight", "F", "D"),
     _plain("final_norm/scale", "model.norm.weight", "D"),
     _linear("lm_head/kernel", "lm_head.weight", "D", "V", when="untied"),
 )
 _QKV_BIAS = (
-    _plain("layers/{i}/attn/q_proj/bias", _L + "self_attn.q_proj.bias", "N H", "N*H", when="qkv_bias"),
-    _plain("layers/{i}/attn/k_proj/bias", _L + "self_attn.k_proj.bias", "K H", "K*H", when="qkv_bias"),
-    _plain("layers/{i}/attn/v_proj/bias", _L + "self_attn.v_proj.bias", "K H", "K*H", when="qkv_bias"),
+    _plain("layers/attn/q_proj/bias", _L + "self_attn.q_proj.bias", "N H", "N*H", when="qkv_bias"),
+    _plain("layers/attn/k_proj/bias", _L + "self_attn.k_proj.bias", "K H", "K*H", when="qkv_bias"),
+    _plain("layers/attn/v_proj/bias", _L + "self_attn.v_proj.bias", "K H", "K*H", when="qkv_bias"),
 )
 _QK_NORM = (
-    _plain("layers/{i}/attn/q_norm/scale", _L + "self_attn.q_norm.weight", "H", when="qk_norm"),
-    _plain("layers/{i}/attn/k_norm/scale", _L + "self_attn.k_norm.weight", "H", when="qk_norm"),
+    _plain("layers/attn/q_norm/scale", _L + "self_attn.q_norm.weight", "H", when="qk_norm"),
+    _plain("layers/attn/k_norm/scale", _L + "self_attn.k_norm.weight", "H", when="qk_norm"),
 )
 
 # One table per family. Rows whose ``when`` is false for a config simply do not exist for it.
@@ -144,8 +158,25 @@ def _dims(cfg: Any, letters: str) -> tuple[int, ...]:
 
 
 def ours_shape(row: Row, cfg: Any) -> tuple[int, ...]:
-    """Our (einsum layout) shape of ``row``."""
+    """Our (einsum layout) shape of one tensor of ``row`` (one layer's slice for per-layer rows)."""
     return _dims(cfg, row.dims_in) + _dims(cfg, row.dims_out)
+
+
+def stacked_shape(row: Row, cfg: Any) -> tuple[int, ...]:
+    """The shape of our stored array for ``row``: ``[L, *ours_shape]`` for per-layer rows."""
+    lead = (int(cfg.num_layers),) if row.per_layer else ()
+    return lead + ours_shape(row, cfg)
+
+
+def flat_shapes(cfg: Any) -> dict[str, tuple[int, ...]]:
+    """Our path -> stored shape for every parameter of ``cfg`` (table order)."""
+    return {row.ours: stacked_shape(row, cfg) for row in table(cfg)}
+
+
+def take(flat: Mapping[str, Any], entry: Entry) -> Any:
+    """The tensor of ``entry`` from our flat params (a layer's slice of a stacked array; a view for numpy)."""
+    x = flat[entry.ours]
+    return x if entry.layer is None else x[entry.layer]
 
 
 def hf_shape(row: Row, cfg: Any) -> tuple[int, ...]:
@@ -155,13 +186,13 @@ def hf_shape(row: Row, cfg: Any) -> tuple[int, ...]:
     return _dims(cfg, row.hf_dims)
 
 
-def expand(cfg: Any) -> list[tuple[Row, str, str]]:
-    """All ``(row, our_path, hf_name)`` triples for ``cfg``, layers expanded, in table order."""
+def expand(cfg: Any) -> list[Entry]:
+    """One `Entry` per HF tensor of ``cfg``, layers expanded, in table order."""
     out = []
     for row in table(cfg):
         layers = range(int(cfg.num_layers)) if row.per_layer else (None,)
         for i in layers:
-            out.append((row, row.ours.format(i=i), row.hf.format(i=i)))
+            out.append(Entry(row, row.ours, i, row.hf.format(i=i)))
     return out
 
 
@@ -208,8 +239,8 @@ def hf_to_flat(hf: Mapping[str, Any], cfg: Any, dtype: Any = None) -> dict[str, 
       MappingError: unknown model_type, a missing or unexpected tensor, a shape mismatch, or a tied
         model whose ``lm_head.weight`` differs from the embedding.
     """
-    triples = expand(cfg)
-    expected = {hf_name for _, _, hf_name in triples}
+    entries = expand(cfg)
+    expected = {e.hf for e in entries}
     extra = [k for k in hf if k not in expected and not _IGNORED_HF.match(k)]
     if cfg.tie_word_embeddings and _LM_HEAD_HF in extra:
         # Tied checkpoints sometimes still carry lm_head.weight; accept it only if it is the embedding.
@@ -229,13 +260,19 @@ def hf_to_flat(hf: Mapping[str, Any], cfg: Any, dtype: Any = None) -> dict[str, 
     if missing:
         raise MappingError(f"{len(missing)} tensor(s) missing from the checkpoint: {missing[:10]}")
     flat: dict[str, np.ndarray] = {}
-    for row, ours, hf_name in triples:
+    for row, ours, layer, hf_name in entries:
         x = np.asarray(hf[hf_name])
         _check_shape(hf_name, x.shape, hf_shape(row, cfg), "HF")
-        flat[ours] = _cast(to_ours(row, x, cfg), dtype)
-        del x
-    if len(flat) != len(expected):  # Guards against two rows mapping to one path.
-        raise MappingError(f"internal: {len(expected)} HF tensors mapped onto {len(flat)} paths")
+        y = _cast(to_ours(row, x, cfg), dtype)
+        if layer is None:
+            flat[ours] = y
+        else:  # filled layer by layer: the stacked array is the only full-size copy
+            if ours not in flat:
+                flat[ours] = np.empty(stacked_shape(row, cfg), y.dtype)
+            flat[ours][layer] = y
+        del x, y
+    if len(flat) != len(table(cfg)):  # Guards against two rows mapping to one path.
+        raise MappingError(f"internal: {len(table(cfg))} rows mapped onto {len(flat)} paths")
     return flat
 
 
@@ -257,23 +294,30 @@ def flat_to_hf(flat: Mapping[str, Any], cfg: Any, dtype: Any = None) -> Iterator
     Raises:
       MappingError: unknown model_type, a missing or unexpected path, or a shape mismatch.
     """
-    triples = expand(cfg)
-    expected = {ours for _, ours, _ in triples}
-    extra = sorted(k for k in flat if k not in expected)
+    entries = expand(cfg)
+    shapes = flat_shapes(cfg)
+    extra = sorted(k for k in flat if k not in shapes)
+    unstacked = [k for k in extra if re.match(r"^layers/\d+/", k)]
+    if unstacked:
+        raise MappingError(
+            f"parameter paths {unstacked[:3]} use the per-layer layout of older checkpoints; restack them "
+            "with atlas_jax.models.params.stack_layers(flat, num_layers) (build_model and checkpoint loading "
+            "do this automatically)"
+        )
     if extra:
         raise MappingError(
             f"{len(extra)} unexpected parameter path(s) for model_type={cfg.model_type!r} "
             f"(tie_word_embeddings={cfg.tie_word_embeddings}): {extra[:10]}"
         )
-    missing = sorted(expected - set(flat))
+    missing = sorted(set(shapes) - set(flat))
     if missing:
         raise MappingError(f"{len(missing)} parameter path(s) missing: {missing[:10]}")
-    for row, ours, _ in triples:
-        _check_shape(ours, tuple(np.shape(flat[ours])), ours_shape(row, cfg), "parameter")
-    for row, ours, hf_name in triples:
-        yield hf_name, _cast(to_hf(row, np.asarray(flat[ours]), cfg), dtype)
+    for ours, shape in shapes.items():
+        _check_shape(ours, tuple(np.shape(flat[ours])), shape, "parameter")
+    for entry in entries:
+        yield entry.hf, _cast(to_hf(entry.row, np.asarray(take(flat, entry)), cfg), dtype)
 
 
 def hf_shapes(cfg: Any) -> dict[str, tuple[int, ...]]:
     """HF name -> HF shape for every tensor ``flat_to_hf`` emits for ``cfg``."""
-    return {hf_name: hf_shape(row, cfg) for row, _, hf_name in expand(cfg)}
+    return {e.hf: hf_shape(e.row, cfg) for e in expand(cfg)}

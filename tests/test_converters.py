@@ -151,13 +151,16 @@ def test_layouts_follow_internals_md(tmp_path: Path) -> None:
     flat = mapping.hf_to_flat(hf, cfg)
     h = cfg.head_dim
     w = hf["model.layers.1.self_attn.q_proj.weight"]
-    assert flat["layers/1/attn/q_proj/kernel"].shape == (64, 2, 32)
-    assert flat["layers/1/attn/q_proj/kernel"][5, 1, 7] == w[1 * h + 7, 5]
+    # Per-layer tensors are stacked on a leading layer axis: layers/x[i] is HF model.layers.{i}.x.
+    assert flat["layers/attn/q_proj/kernel"].shape == (cfg.num_layers, 64, 2, 32)
+    assert flat["layers/attn/q_proj/kernel"][1, 5, 1, 7] == w[1 * h + 7, 5]
     o = hf["model.layers.0.self_attn.o_proj.weight"]  # [D, N*H]
-    assert flat["layers/0/attn/o_proj/kernel"][1, 3, 9] == o[9, 1 * h + 3]
-    assert flat["layers/0/attn/k_proj/bias"][0, 4] == hf["model.layers.0.self_attn.k_proj.bias"][4]
+    assert flat["layers/attn/o_proj/kernel"][0, 1, 3, 9] == o[9, 1 * h + 3]
+    assert flat["layers/attn/k_proj/bias"][0, 0, 4] == hf["model.layers.0.self_attn.k_proj.bias"][4]
     assert flat["lm_head/kernel"][2, 11] == hf["lm_head.weight"][11, 2]
-    assert flat["layers/0/mlp/down_proj/kernel"][3, 2] == hf["model.layers.0.mlp.down_proj.weight"][2, 3]
+    assert flat["layers/mlp/down_proj/kernel"][0, 3, 2] == hf["model.layers.0.mlp.down_proj.weight"][2, 3]
+    d1 = hf["model.layers.1.mlp.down_proj.weight"]
+    assert flat["layers/mlp/down_proj/kernel"][1, 3, 2] == d1[2, 3]
 
 
 def test_bfloat16_round_trip_keeps_dtype(tmp_path: Path, tok_dir: Path) -> None:
@@ -190,7 +193,7 @@ def test_tied_checkpoint_with_equal_lm_head_is_accepted(tmp_path: Path) -> None:
     cfg = ModelConfig.from_hf(tmp_path / "hf")
     with_head = {**hf, "lm_head.weight": hf["model.embed_tokens.weight"].copy()}
     flat = mapping.hf_to_flat(with_head, cfg)
-    assert "lm_head/kernel" not in flat and len(flat) == len(hf)
+    assert "lm_head/kernel" not in flat and len(flat) == len(mapping.flat_shapes(cfg))
     with_head["lm_head.weight"] = with_head["lm_head.weight"] + 1.0
     with pytest.raises(mapping.MappingError, match=r"lm_head\.weight"):
         mapping.hf_to_flat(with_head, cfg)
@@ -355,17 +358,17 @@ def test_export_of_bad_params_writes_nothing(tmp_path: Path) -> None:
     cfg = ModelConfig.from_hf(tmp_path / "hf")
     flat = mapping.hf_to_flat(read_all(tmp_path / "hf"), cfg)
     out = tmp_path / "out"
-    bad = {k: v for k, v in flat.items() if k != "layers/1/attn/k_norm/scale"}
-    with pytest.raises(mapping.MappingError, match=r"missing.*layers/1/attn/k_norm/scale"):
+    bad = {k: v for k, v in flat.items() if k != "layers/attn/k_norm/scale"}
+    with pytest.raises(mapping.MappingError, match=r"missing.*layers/attn/k_norm/scale"):
         jax_to_hf.export_hf_dir(bad, cfg, out)
     no_leftovers(out)
     bad = {**flat, "lm_head/kernel": np.zeros((64, 320), np.float32)}  # tied: no lm_head allowed
     with pytest.raises(mapping.MappingError, match=r"unexpected.*lm_head/kernel"):
         jax_to_hf.export_hf_dir(bad, cfg, out)
-    bad = {**flat, "layers/0/attn/q_proj/kernel": np.zeros((64, 64), np.float32)}
+    bad = {**flat, "layers/attn/q_proj/kernel": np.zeros((64, 64), np.float32)}
     with pytest.raises(
         mapping.MappingError,
-        match=r"'layers/0/attn/q_proj/kernel' has shape \(64, 64\), expected \(64, 2, 32\)",
+        match=r"'layers/attn/q_proj/kernel' has shape \(64, 64\), expected \(2, 64, 2, 32\)",
     ):
         jax_to_hf.export_hf_dir(bad, cfg, out)
     no_leftovers(out)

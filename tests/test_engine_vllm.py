@@ -90,7 +90,7 @@ def test_bad_update_is_refused_and_weights_unchanged(setup):
     engine, _ref, d = setup
     before = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=8))
     flat = mapping.hf_to_flat(perturbed_state(d, seed=13), engine.model_config)
-    del flat["layers/1/mlp/down_proj/kernel"]
+    del flat["layers/mlp/down_proj/kernel"]
     with pytest.raises(mapping.MappingError, match="down_proj"):
         engine.update_weights(flat)
     after = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=8))

@@ -72,7 +72,7 @@ def test_exported_config_builds_hf_model_with_the_mapped_tensor_names(name, tmp_
     names = set(model.state_dict())
     if cfg.tie_word_embeddings:
         names.discard("lm_head.weight")
-    assert names == {hf_name for _, _, hf_name in expand(cfg)}
+    assert names == {e.hf for e in expand(cfg)}
     if name == "tiny_llama":
         assert model.config.rope_parameters["rope_type"] == "llama3"
 

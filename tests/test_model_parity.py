@@ -50,7 +50,7 @@ def test_bf16_compute_logits_close_to_transformers_fp32(family, tmp_path, param_
     name, hf, batch, ref = family
     cfg, flat = ours_from_hf(hf, tmp_path, param_dtype=param_dtype, dtype="bfloat16")
     model = build_model(cfg, flat)
-    assert model.layers[0].mlp.up_proj.kernel.get_value().dtype == jnp.dtype(param_dtype)
+    assert model.layers.mlp.up_proj.kernel.get_value().dtype == jnp.dtype(param_dtype)
     logits = _ours_logits(model, batch)
     assert logits.dtype == np.float32  # logits are always f32
     err = np.abs(logits - ref)[batch[2] == 1].max()

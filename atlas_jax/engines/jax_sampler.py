@@ -113,7 +113,7 @@ def _prefill_impl(
     shard = functools.partial(_shard, mesh)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
     cache = KVCache.init(model.cfg, ids.shape[0], cache_len)
-    hidden, cache = model.hidden_states(ids, positions, mask, cache)
+    hidden, cache = model.hidden_states(ids, positions, mask, cache, prefill=True)  # fresh cache: index 0
     rep = functools.partial(jnp.repeat, repeats=n, total_repeat_length=ids.shape[0] * n)
     cache = KVCache(
         k=rep(cache.k, axis=1), v=rep(cache.v, axis=1), mask=rep(cache.mask, axis=0), index=cache.index

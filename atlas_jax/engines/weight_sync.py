@@ -128,14 +128,16 @@ def hf_tensors(
         validator.close()
 
     def stream() -> Iterator[tuple[str, torch.Tensor]]:
-        for row, ours, hf_name in mapping.expand(cfg):
-            x = flat[ours]
+        for entry in mapping.expand(cfg):
+            x = flat[entry.ours]
             if not _on_accelerator(x):
                 x = np.asarray(x)
-            t = to_torch(_hf_layout(row, x, cfg))
+            if entry.layer is not None:  # one layer of a stacked array (a view on CPU)
+                x = x[entry.layer]
+            t = to_torch(_hf_layout(entry.row, x, cfg))
             if dtype is not None and t.dtype != dtype:
                 t = t.to(dtype)
-            yield hf_name, t
+            yield entry.hf, t
 
     return stream()
 

@@ -15,6 +15,10 @@ from typing import Any
 
 MODEL_TYPES = ("qwen3", "qwen2", "llama")
 DTYPES = ("float32", "bfloat16")
+# What a rematerialised layer saves for the backward pass (see `decoder.remat_policy`).
+REMAT_POLICIES = ("full", "save_dots", "offload")
+# Attention kernels (see `attention.attend`).
+ATTENTION_IMPLS = ("auto", "dense", "xla", "cudnn", "splash")
 _ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 
 
@@ -49,6 +53,12 @@ class ModelConfig:
       dtype: compute dtype of activations/matmuls; matmuls always accumulate in float32 and softmax/norms run in
         float32.
       remat: rematerialise each layer in the backward pass (saves activation memory when training).
+      remat_policy: what a rematerialised layer keeps (`REMAT_POLICIES`): "full" saves nothing, "save_dots"
+        keeps the weight matmul outputs, "offload" moves those to host memory (TPU/GPU).
+      attention: attention kernel (`ATTENTION_IMPLS`): "auto" picks splash on TPU, cuDNN on GPU (16-bit compute)
+        and XLA elsewhere; "dense" is the reference einsum path.
+      scan_layers: run the (stacked) layers under ``lax.scan`` (one layer compiled once); False unrolls a Python
+        loop over the same stacked parameters (for compile-time comparisons).
     """
 
     model_type: str
@@ -72,6 +82,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: bool = False
+    remat_policy: str = "full"
+    attention: str = "auto"
+    scan_layers: bool = True
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
@@ -79,6 +92,16 @@ class ModelConfig:
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: expected one of {DTYPES}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"ModelConfig.remat_policy={self.remat_policy!r}: expected one of {REMAT_POLICIES} "
+                "(--config.model.remat_policy)"
+            )
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"ModelConfig.attention={self.attention!r}: expected one of {ATTENTION_IMPLS} "
+                "(--config.model.attention)"
+            )
         for name in (
             "vocab_size",
             "hidden_size",

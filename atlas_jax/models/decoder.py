@@ -7,10 +7,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from atlas_jax.models.config import ModelConfig
+from atlas_jax.models.attention import PAD_SEGMENT
+from atlas_jax.models.config import REMAT_POLICIES, ModelConfig
 from atlas_jax.models.kv_cache import KVCache
-from atlas_jax.models.layers import MLP, Attention, RMSNorm, rope_cos_sin, rope_inv_freq
-from atlas_jax.models.sharding import constrain, param
+from atlas_jax.models.layers import MLP, Attention, AttentionContext, RMSNorm, rope_cos_sin, rope_inv_freq
+from atlas_jax.models.sharding import LOGICAL_AXES_KEY, constrain, param
 
 _ACT_BTD = ("batch", "length", "act_embed")
 
@@ -25,36 +26,63 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x_btd, cos, sin, k_cache, v_cache, slot_mask, index, pair_mask=None):
-        attn_btd, k_cache, v_cache = self.attn(
-            self.input_norm(x_btd), cos, sin, k_cache, v_cache, slot_mask, index, pair_mask
-        )
+    def __call__(self, x_btd, cos, sin, ctx: AttentionContext, kv=None, layer=0):
+        attn_btd, kv = self.attn(self.input_norm(x_btd), cos, sin, ctx, kv, layer)
         x_btd = constrain(x_btd + attn_btd, _ACT_BTD)
         x_btd = constrain(x_btd + self.mlp(self.post_attn_norm(x_btd)), _ACT_BTD)
-        return x_btd, k_cache, v_cache
+        return x_btd, kv
 
 
-def _layer_call(layer: DecoderLayer, *args):
-    return layer(*args)
+def remat_policy(name: str):
+    """The ``jax.checkpoint`` policy of `config.REMAT_POLICIES` ``name``.
+
+    "full" saves nothing (each layer's forward is recomputed in the backward pass); "save_dots" saves the outputs
+    of matmuls without batch dimensions (the weight projections: recompute only norms, RoPE, attention and
+    activations); "offload" saves the same values in host memory (``pinned_host``) instead of on the device.
+    """
+    policies = jax.checkpoint_policies
+    if name == "full":
+        return policies.nothing_saveable
+    if name == "save_dots":
+        return policies.dots_with_no_batch_dims_saveable
+    if name == "offload":
+        return policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+    raise ValueError(f"remat_policy={name!r}: expected one of {REMAT_POLICIES} (--config.model.remat_policy)")
 
 
-_remat_layer_call = nnx.remat(_layer_call)
+def _stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
+    """One `DecoderLayer` whose every parameter has a leading ``[L]`` axis (logical axis "layers")."""
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(r: nnx.Rngs) -> DecoderLayer:
+        return DecoderLayer(cfg, rngs=r)
+
+    layers = make(rngs)
+    for _, var in nnx.iter_graph(layers):
+        if isinstance(var, nnx.Variable) and LOGICAL_AXES_KEY in var.get_metadata():
+            var.set_metadata(**{LOGICAL_AXES_KEY: ("layers", *var.get_metadata()[LOGICAL_AXES_KEY])})
+    return layers
 
 
 class Decoder(nnx.Module):
     """Embedding -> L decoder layers -> final RMSNorm -> (tied or untied) unembedding.
 
+    The layers are one stacked `DecoderLayer` (parameters ``layers/...`` of shape ``[L, ...]``) run under
+    ``lax.scan``, so a layer is traced and compiled once whatever the depth (``cfg.scan_layers=False`` unrolls the
+    same stacked parameters). With ``cfg.remat`` each layer is a ``jax.checkpoint`` with ``cfg.remat_policy``.
+
     Prefill and one-token decode are the same call: pass a `KVCache` and the tokens are written at ``cache.index``.
-    Without a cache, a temporary one of length T is used (plain causal attention over the real tokens); there,
-    ``segment_ids[B,T]`` (packed SFT rows: 1, 2, … per example, 0 = padding) restrict attention to earlier tokens
-    of the same segment, and ``positions`` should restart at 0 for each example.
+    Without a cache, the tokens attend causally to each other (the training path); there, ``segment_ids[B,T]``
+    (packed SFT rows: 1, 2, … per example, 0 = padding) restrict attention to earlier tokens of the same segment,
+    and ``positions`` should restart at 0 for each example.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         pd = jnp.dtype(cfg.param_dtype)
         self.embed = _Embedding(cfg, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.layers = _stacked_layers(cfg, rngs)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = _LMHead(cfg, rngs=rngs)
@@ -66,8 +94,15 @@ class Decoder(nnx.Module):
         attention_mask: Array,
         cache: KVCache | None = None,
         segment_ids: Int[Array, "b t"] | None = None,
+        *,
+        prefill: bool = False,
     ) -> tuple[Float[Array, "b t d"], KVCache | None]:
         """Final-norm hidden states ``[B,T,D]`` (compute dtype) and the updated cache (None if none was given).
+
+        Args:
+          prefill: the given cache is empty (``index == 0``, the caller guarantees it): the tokens attend over
+            themselves with the fused self-attention kernel (`attention.self_attention`) and are written into
+            the cache; otherwise a call with a cache attends over every filled slot.
 
         Raises:
           ValueError: ``segment_ids`` together with a cache (packing is a training-path feature), or a KV-cache
@@ -75,21 +110,16 @@ class Decoder(nnx.Module):
         """
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
-        b, t = input_ids.shape
+        t = input_ids.shape[1]
         zero = jnp.zeros((), jnp.int32)
-        pair_mask = None
-        if segment_ids is not None:
-            if cache is not None:
-                raise ValueError(
-                    "segment_ids (packed rows) are only supported without a KVCache (training path)"
-                )
-            pair_mask = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B,T,S]: same example
-        if (
-            cache is None
-        ):  # no stacked [L,...] buffers: each layer attends over its own T keys (training path)
-            index = zero
-            slot_mask = attention_mask.astype(jnp.bool_)
-            kv_shape = (b, t, cfg.num_kv_heads, cfg.head_dim)
+        real_bt = attention_mask.astype(jnp.bool_)
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed rows) are only supported without a KVCache (training path)")
+        seg = jnp.ones_like(input_ids, jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+        segment_bt = jnp.where(real_bt, seg, PAD_SEGMENT)
+        if cache is None:
+            ctx = AttentionContext(segment_bt, None, zero, prefill=False)
+            kv = None
         else:
             index = cache.index
             if not isinstance(index, jax.core.Tracer) and int(index) + t > cache.max_len:
@@ -97,29 +127,42 @@ class Decoder(nnx.Module):
                 raise ValueError(
                     f"KVCache overflow: index {int(index)} + {t} tokens > max_len {cache.max_len}"
                 )
-            slot_mask = jax.lax.dynamic_update_slice(
-                cache.mask, attention_mask.astype(jnp.bool_), (zero, index)
-            )
-            k_all, v_all = cache.k, cache.v
+            slot_mask = jax.lax.dynamic_update_slice(cache.mask, real_bt, (zero, index))
+            ctx = AttentionContext(segment_bt, slot_mask, index, prefill=prefill)
+            kv = (cache.k, cache.v)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
         # Gather from a replicated table (an explicit FSDP all-gather) rather than let the partitioner
         # replicate the vocab/embed-sharded table implicitly for the batch-sharded lookup.
         table_vd = constrain(self.embed.embedding.get_value(), ("act_vocab", "act_embed"))
         x_btd = constrain(table_vd[input_ids].astype(dtype), _ACT_BTD)
-        call = _remat_layer_call if cfg.remat else _layer_call
-        for i, layer in enumerate(self.layers):
-            if cache is None:
-                k_i = v_i = jnp.zeros(kv_shape, dtype)
-            else:
-                k_i, v_i = k_all[i], v_all[i]
-            x_btd, k_i, v_i = call(layer, x_btd, cos, sin, k_i, v_i, slot_mask, index, pair_mask)
-            if cache is not None:  # written back in place under jit (donate the cache)
-                k_all = k_all.at[i].set(k_i)
-                v_all = v_all.at[i].set(v_i)
+        x_btd, kv = self._run_layers(x_btd, cos, sin, ctx, kv)
         hidden = self.final_norm(x_btd)
         if cache is None:
             return hidden, None
-        return hidden, KVCache(k=k_all, v=v_all, mask=slot_mask, index=index + t)
+        return hidden, KVCache(k=kv[0], v=kv[1], mask=ctx.slot_mask_bs, index=cache.index + t)
+
+    def _run_layers(self, x_btd, cos, sin, ctx: AttentionContext, kv):
+        """Applies the L layers: ``lax.scan`` over the stacked parameters (carry: activations and cache)."""
+        cfg = self.cfg
+        graphdef, state = nnx.split(self.layers)
+
+        def body(carry, xs):
+            x, kv = carry
+            layer_state, i = xs
+            x, kv = nnx.merge(graphdef, layer_state)(x, cos, sin, ctx, kv, i)
+            return (x, kv), None
+
+        if cfg.remat:
+            body = jax.checkpoint(
+                body, policy=remat_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers
+            )
+        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        if cfg.scan_layers:
+            (x_btd, kv), _ = jax.lax.scan(body, (x_btd, kv), (state, layer_ids))
+            return x_btd, kv
+        for i in range(cfg.num_layers):  # unrolled: every layer traced and compiled separately
+            (x_btd, kv), _ = body((x_btd, kv), jax.tree.map(lambda a, i=i: a[i], (state, layer_ids)))
+        return x_btd, kv
 
     def unembed(self, hidden: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
         """Float32 logits: hidden · Eᵀ (tied) or hidden · W_lm_head."""
@@ -173,4 +216,4 @@ class _LMHead(nnx.Module):
         )
 
 
-__all__ = ["Decoder", "DecoderLayer"]
+__all__ = ["Decoder", "DecoderLayer", "remat_policy"]

@@ -9,6 +9,7 @@ bf16 -> bf16 matmul is slower than fp32; softmax and norms always run in float32
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,11 +17,11 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from atlas_jax.models import attention
 from atlas_jax.models.config import ModelConfig, RopeScaling
 from atlas_jax.models.sharding import param
 
 _init_kernel = nnx.initializers.normal(stddev=0.02)
-_NEG_INF = -0.7 * float(np.finfo(np.float32).max)  # finite, so fully-masked rows (pads) stay NaN-free
 
 
 def einsum(spec: str, a: Array, b: Array, dtype: jnp.dtype) -> Array:
@@ -112,17 +113,19 @@ class _Kernel(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Grouped-query self-attention with optional q/k/v bias and q/k RMSNorm, writing into a KV cache.
+    """Grouped-query self-attention with optional q/k/v bias and q/k RMSNorm, optionally writing into a KV cache.
 
-    The keys/values of the T new tokens are written at cache slots [index, index+T); query t (slot index+t) attends
-    to slot s iff s <= index+t and the slot holds a real token (``slot_mask``), and, when ``pair_mask[B,T,S]`` is
-    given (packed training rows), iff ``pair_mask[b,t,s]`` (same segment).
+    Without a cache the T tokens attend causally to each other within equal segment ids (`attention`). With a
+    cache, their keys/values are written into layer ``layer`` of the stacked ``[L,B,S,K,H]`` buffers at slots
+    [index, index+T) (in place under jit); a prefill of an empty cache attends over the new tokens only, any
+    other call over the filled cache slots (``slot_mask`` already includes the new tokens).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         pd = jnp.dtype(cfg.param_dtype)
         self.dtype = jnp.dtype(cfg.dtype)
+        self.impl = cfg.attention
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
         qb = (n, h) if cfg.qkv_bias else None
         kb = (k, h) if cfg.qkv_bias else None
@@ -150,42 +153,45 @@ class Attention(nnx.Module):
         x_btd: Float[Array, "b t d"],
         cos: Float[Array, "b t h"],
         sin: Float[Array, "b t h"],
-        k_cache: Float[Array, "b s k h"],
-        v_cache: Float[Array, "b s k h"],
-        slot_mask: Array,
-        index: Int[Array, ""],
-        pair_mask: Array | None = None,
-    ) -> tuple[Float[Array, "b t d"], Float[Array, "b s k h"], Float[Array, "b s k h"]]:
-        """Returns (output, updated k_cache, updated v_cache); ``slot_mask[B,S]`` already includes the new tokens."""
-        b, t, _ = x_btd.shape
+        ctx: AttentionContext,
+        kv: tuple[Array, Array] | None = None,
+        layer: Int[Array, ""] | int = 0,
+    ) -> tuple[Float[Array, "b t d"], tuple[Array, Array] | None]:
+        """Returns ``(output [B,T,D], kv)``; ``kv`` = the stacked ``(k, v)`` cache buffers, updated (or None)."""
         q_btnh = self._project(x_btd, self.q_proj)
         k_btkh = self._project(x_btd, self.k_proj)
         v_btkh = self._project(x_btd, self.v_proj)
         if self.qk_norm:
             q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
         q_btnh, k_btkh = apply_rope(q_btnh, cos, sin), apply_rope(k_btkh, cos, sin)
+        kw = {"impl": self.impl, "dtype": self.dtype}
+        if kv is not None:
+            k_all, v_all = kv
+            zero = jnp.zeros((), jnp.int32)
+            start = (jnp.asarray(layer, jnp.int32), zero, ctx.index.astype(jnp.int32), zero, zero)
+            k_all = jax.lax.dynamic_update_slice(k_all, k_btkh.astype(k_all.dtype)[None], start)
+            v_all = jax.lax.dynamic_update_slice(v_all, v_btkh.astype(v_all.dtype)[None], start)
+            kv = (k_all, v_all)
+        if kv is None or ctx.prefill:
+            out_btnh = attention.self_attention(q_btnh, k_btkh, v_btkh, ctx.segment_bt, **kw)
+        else:
+            k_bskh = jax.lax.dynamic_index_in_dim(kv[0], layer, axis=0, keepdims=False)
+            v_bskh = jax.lax.dynamic_index_in_dim(kv[1], layer, axis=0, keepdims=False)
+            out_btnh = attention.cached_attention(q_btnh, k_bskh, v_bskh, ctx.slot_mask_bs, ctx.index, **kw)
+        return einsum("btnh,nhd->btd", out_btnh, self.o_proj.kernel.get_value(), self.dtype), kv
 
-        zero = jnp.zeros((), jnp.int32)
-        start = (zero, index.astype(jnp.int32), zero, zero)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k_btkh.astype(k_cache.dtype), start)
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v_btkh.astype(v_cache.dtype), start)
 
-        s = k_cache.shape[1]
-        g = self.num_heads // self.num_kv_heads
-        q_btkgh = q_btnh.reshape(b, t, self.num_kv_heads, g, self.head_dim)
-        logits_bkgts = jnp.einsum(
-            "btkgh,bskh->bkgts",
-            q_btkgh.astype(self.dtype),
-            k_cache.astype(self.dtype),
-            preferred_element_type=jnp.float32,
-        ) * (self.head_dim**-0.5)
-        q_slot_t = index + jnp.arange(t, dtype=jnp.int32)
-        causal_ts = jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slot_t[:, None]
-        allowed_bts = causal_ts[None, :, :] & slot_mask.astype(bool)[:, None, :]
-        if pair_mask is not None:
-            allowed_bts = allowed_bts & pair_mask.astype(bool)
-        logits_bkgts = jnp.where(allowed_bts[:, None, None, :, :], logits_bkgts, _NEG_INF)
-        probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1)
-        out_btkgh = einsum("bkgts,bskh->btkgh", probs_bkgts, v_cache, self.dtype)
-        out_btnh = out_btkgh.reshape(b, t, self.num_heads, self.head_dim)
-        return einsum("btnh,nhd->btd", out_btnh, self.o_proj.kernel.get_value(), self.dtype), k_cache, v_cache
+class AttentionContext(NamedTuple):
+    """What every layer's attention needs besides its inputs (shared by all layers of one call).
+
+    Attributes:
+      segment_bt: ``[B,T]`` segment id of each new token (`attention.PAD_SEGMENT` for padding).
+      slot_mask_bs: ``[B,S]`` cache slots holding a real token, new ones included (None without a cache).
+      index: int32 scalar, the cache slot of the first new token (0 without a cache).
+      prefill: static; the cache is empty (index 0), so the new tokens attend over themselves only.
+    """
+
+    segment_bt: Array
+    slot_mask_bs: Array | None
+    index: Array
+    prefill: bool

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +29,7 @@ def _key(path: tuple) -> str:
 
 
 def flatten(state: nnx.State | nnx.Module) -> dict[str, jax.Array]:
-    """``{"layers/0/attn/q_proj/kernel": array, ...}`` from a model or its state (Variable wrappers removed)."""
+    """``{"layers/attn/q_proj/kernel": array [L, D, N, H], ...}`` from a model or its state (wrappers removed)."""
     if isinstance(state, nnx.Module):
         state = nnx.state(state)
     out = {}
@@ -37,7 +39,7 @@ def flatten(state: nnx.State | nnx.Module) -> dict[str, jax.Array]:
 
 
 def unflatten(flat: Mapping[str, jax.Array]) -> dict:
-    """Nested dict from a flat dict; digit components become int keys (``layers/0`` -> ``{"layers": {0: ...}}``).
+    """Nested dict from a flat dict (digit components become int keys).
 
     The result can be given to ``nnx.update(model, ...)`` or compared with ``nnx.state(model).to_pure_dict()``.
     """
@@ -53,6 +55,38 @@ def unflatten(flat: Mapping[str, jax.Array]) -> dict:
             raise ValueError(f"flat params: duplicate key {key!r}")
         node[parts[-1]] = value
     return root
+
+
+_UNSTACKED = re.compile(r"^layers/(\d+)/(.+)$")
+
+
+def stack_layers(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Restacks the per-layer layout of older checkpoints (``layers/{i}/x`` -> ``layers/x`` of shape ``[L, ...]``).
+
+    Flat params already in the stacked layout are returned unchanged (as a new dict).
+
+    Raises:
+      ValueError: the per-layer paths do not cover layers 0..L-1 for every tensor, or mix both layouts.
+    """
+    groups: dict[str, dict[int, Any]] = {}
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        m = _UNSTACKED.match(key)
+        if m is None:
+            out[key] = value
+        else:
+            groups.setdefault(m.group(2), {})[int(m.group(1))] = value
+    if not groups:
+        return out
+    num_layers = 1 + max(max(g) for g in groups.values())
+    for name, layers in groups.items():
+        if sorted(layers) != list(range(num_layers)):
+            missing = sorted(set(range(num_layers)) - set(layers))
+            raise ValueError(f"per-layer params: layers/{{i}}/{name} is missing layer(s) {missing[:8]}")
+        if f"layers/{name}" in out:
+            raise ValueError(f"flat params hold both layers/{name} and per-layer layers/{{i}}/{name}")
+        out[f"layers/{name}"] = np.stack([np.asarray(layers[i]) for i in range(num_layers)])
+    return out
 
 
 def abstract_model(cfg: ModelConfig, seed: int = 0) -> Decoder:
@@ -83,6 +117,7 @@ def build_model(
     Args:
       cfg: the architecture.
       flat_params: path -> array for every parameter (see docs/internals.md); cast to ``cfg.param_dtype``.
+        The per-layer layout of older checkpoints (``layers/{i}/...``) is restacked (`stack_layers`).
       mesh: place each parameter with the sharding its logical axes give on this mesh.
       seed: init seed when ``flat_params`` is None.
 
@@ -99,6 +134,7 @@ def build_model(
         # Each device creates only its shards: the full model never exists unsharded.
         return nnx.merge(graphdef, _sharded_init(cfg, mesh)(jax.random.key(seed)))
 
+    flat_params = stack_layers(flat_params)
     expected = flatten(abs_state)
     missing = sorted(set(expected) - set(flat_params))
     unexpected = sorted(set(flat_params) - set(expected))

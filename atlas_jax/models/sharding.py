@@ -28,6 +28,7 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "head_dim": None,
     "mlp": ("tensor",),
     "norm": None,
+    "layers": None,  # the stacked-layer axis of scanned parameters (replicated: every device runs every layer)
     "batch": ("data", "fsdp"),
     "length": None,
     "act_embed": None,

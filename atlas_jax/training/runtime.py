@@ -90,6 +90,8 @@ def model_config(path: str, preset: str, *, model_section: Any) -> ModelConfig:
         param_dtype=str(model_section.param_dtype),
         dtype=str(model_section.compute_dtype),
         remat=bool(model_section.remat),
+        remat_policy=str(model_section.get("remat_policy", "full")),
+        attention=str(model_section.get("attention", "auto")),
     )
 
 
@@ -183,6 +185,8 @@ def make_policy(
             param_dtype=str(config.model.param_dtype),
             dtype=str(config.model.compute_dtype),
             remat=bool(config.model.remat),
+            remat_policy=str(config.model.get("remat_policy", "full")),
+            attention=str(config.model.get("attention", "auto")),
         )
     else:
         cfg = model_config(path, config.model.teacher_preset, model_section=config.model)

@@ -1,0 +1,159 @@
+"""Scanned (stacked) layers: same numbers as the unrolled loop, one layer traced once, remat policies, old layout.
+
+Tolerances: scan vs unrolled over the same stacked parameters is the same arithmetic, compared at 1e-6; remat only
+reorders the backward pass (gradients within 1e-5 relative to the largest gradient entry).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from atlas_jax.checkpoint import Checkpointer
+from atlas_jax.models import KVCache, build_model, flatten
+from atlas_jax.models.config import REMAT_POLICIES
+from atlas_jax.models.decoder import remat_policy
+from atlas_jax.models.params import stack_layers
+from atlas_jax.models.presets import get_preset
+from atlas_jax.training import train_step
+from converters import mapping
+
+CFG = get_preset("tiny_qwen3_untied").replace(num_layers=3, dtype="float32")
+
+
+def _batch():
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 9)), jnp.int32)
+    mask = jnp.asarray([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 9], jnp.int32)
+    return ids, jnp.maximum(jnp.cumsum(mask, 1) - 1, 0).astype(jnp.int32), mask
+
+
+def _loss_and_grads(cfg):
+    ids, pos, mask = _batch()
+    graphdef, params, rest = train_step.split_model(build_model(cfg, seed=3))
+
+    def loss(p):
+        logits, _ = train_step.merge_model(graphdef, p, rest)(ids, pos, mask)
+        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+        return jnp.sum(nll * mask[:, 1:])
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return _loss_and_grads(CFG)
+
+
+def _assert_grads_close(got, want, rtol):
+    scale = max(float(jnp.max(jnp.abs(g))) for g in want.values())
+    for key in want:
+        np.testing.assert_allclose(
+            np.asarray(got[key]), np.asarray(want[key]), atol=rtol * scale, err_msg=key
+        )
+
+
+def test_params_are_stacked_with_a_replicated_layer_axis():
+    model = build_model(CFG)
+    flat = flatten(model)
+    assert flat["layers/mlp/up_proj/kernel"].shape == (3, CFG.hidden_size, CFG.intermediate_size)
+    assert not any(k.startswith("layers/0") for k in flat)
+    assert model.layers.attn.q_proj.kernel.get_metadata()["logical_axes"] == (
+        "layers",
+        "embed",
+        "heads",
+        "head_dim",
+    )
+    assert set(flat) == set(mapping.flat_shapes(CFG))
+
+
+def test_scan_equals_unrolled_loop(reference):
+    loss, grads = _loss_and_grads(CFG.replace(scan_layers=False))
+    np.testing.assert_allclose(float(loss), float(reference[0]), rtol=1e-6)
+    _assert_grads_close(grads, reference[1], 1e-6)
+
+
+@pytest.mark.parametrize("policy", REMAT_POLICIES)
+def test_remat_policies_keep_loss_and_grads(reference, policy):
+    loss, grads = _loss_and_grads(CFG.replace(remat=True, remat_policy=policy))
+    np.testing.assert_allclose(float(loss), float(reference[0]), rtol=1e-6)
+    _assert_grads_close(grads, reference[1], 1e-5)
+
+
+def test_unknown_remat_policy_names_the_flag():
+    with pytest.raises(ValueError, match=r"remat_policy='everything'.*--config.model.remat_policy"):
+        CFG.replace(remat_policy="everything")
+    with pytest.raises(ValueError, match="remat_policy"):
+        remat_policy("everything")
+
+
+def _trace_len(num_layers: int, scan: bool) -> int:
+    ids, pos, mask = _batch()
+    graphdef, state = nnx.split(build_model(CFG.replace(num_layers=num_layers, scan_layers=scan)))
+    jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(ids, pos, mask)[0])(state)
+    return len(str(jaxpr).splitlines())
+
+
+def test_one_layer_is_traced_once_whatever_the_depth():
+    # Scanned: the program does not grow with depth. Unrolled: it grows with every layer.
+    assert _trace_len(2, True) == _trace_len(5, True)
+    assert _trace_len(5, False) > _trace_len(2, False)
+
+
+def test_decode_with_cache_equals_full_forward_under_scan():
+    model = build_model(CFG, seed=1)
+    ids, pos, mask = _batch()
+    full, _ = model(ids, pos, mask)
+    cache = KVCache.init(CFG, 2, 12)
+    hid, cache = model.hidden_states(ids[:, :6], pos[:, :6], mask[:, :6], cache, prefill=True)
+    logits = [model.unembed(hid)]
+    for t in range(6, 9):
+        hid, cache = model.hidden_states(ids[:, t : t + 1], pos[:, t : t + 1], mask[:, t : t + 1], cache)
+        logits.append(model.unembed(hid))
+    got = jnp.concatenate(logits, axis=1)
+    real = np.asarray(mask, bool)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(full)[real], atol=2e-5)
+    assert int(cache.index) == 9
+
+
+def _unstacked(flat):
+    out = {}
+    for key, value in flat.items():
+        if key.startswith("layers/"):
+            for i in range(value.shape[0]):
+                out[key.replace("layers/", f"layers/{i}/", 1)] = np.asarray(value[i])
+        else:
+            out[key] = np.asarray(value)
+    return out
+
+
+def test_old_per_layer_checkpoints_still_load(tmp_path):
+    from atlas_jax.training.runtime import load_flat_params
+
+    flat = {k: np.asarray(v) for k, v in flatten(build_model(CFG, seed=4)).items()}
+    old = _unstacked(flat)
+    assert "layers/2/attn/k_norm/scale" in old
+    with Checkpointer(tmp_path / "old") as ckpt:  # a params-only checkpoint in the pre-scan layout
+        ckpt.save(0, old, force=True)
+        ckpt.wait()
+    loaded = load_flat_params(str(tmp_path / "old"), CFG)
+    assert set(loaded) == set(flat)
+    for key in flat:
+        np.testing.assert_array_equal(np.asarray(loaded[key]), flat[key], err_msg=key)
+    model = build_model(CFG, old)  # build_model restacks too
+    np.testing.assert_array_equal(
+        np.asarray(flatten(model)["layers/mlp/down_proj/kernel"]), flat["layers/mlp/down_proj/kernel"]
+    )
+
+
+def test_restacking_errors_are_clear():
+    flat = _unstacked({k: np.asarray(v) for k, v in flatten(build_model(CFG)).items()})
+    del flat["layers/1/mlp/up_proj/kernel"]
+    with pytest.raises(ValueError, match=r"layers/\{i\}/mlp/up_proj/kernel is missing layer\(s\) \[1\]"):
+        stack_layers(flat)
+    old = _unstacked({k: np.asarray(v) for k, v in flatten(build_model(CFG)).items()})
+    with pytest.raises(mapping.MappingError, match=r"per-layer layout.*stack_layers"):
+        next(mapping.flat_to_hf(old, CFG))
