@@ -247,7 +247,7 @@ class JaxSampler(Engine):
 
         Args:
           params: a live ``nnx.Module`` (sampled as it changes), an ``nnx.State`` of the same structure,
-            or a flat ``{"layers/0/attn/q_proj/kernel": array, ...}`` dict.
+            or a flat ``{"layers/attn/q_proj/kernel": array, ...}`` dict.
 
         Raises:
           ValueError: a path is missing/unexpected or a shape differs (names the path).
