@@ -15,6 +15,7 @@ stays spread over all ``data``/``fsdp`` shards instead of living on a few device
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +42,25 @@ class TrainState:
     step: jax.Array
     params: dict[str, jax.Array]
     opt_state: Any
+
+
+class under_mesh:  # noqa: N801 - used like a function decorator
+    """``jitted`` called, lowered and traced under ``jax.set_mesh(mesh)`` (activation constraints apply).
+
+    Calls behave like ``jitted(...)``; ``.lower(...)`` (AOT: ``.lower(...).compile()``) also enters the mesh.
+    """
+
+    def __init__(self, mesh: Mesh, jitted: Callable):
+        self.mesh, self.jitted = mesh, jitted
+        functools.update_wrapper(self, jitted)
+
+    def __call__(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args, **kwargs)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -152,12 +172,13 @@ def make_train_step(
         new, metrics["skipped"] = keep_if_finite(new, state, metrics["loss"], metrics["grad_norm"])
         return new, metrics
 
-    return jax.jit(
+    jitted = jax.jit(
         step,
         in_shardings=(shardings, batch_sharding(mesh)),
         out_shardings=(shardings, replicated),
         donate_argnums=(0,),
     )
+    return under_mesh(mesh, jitted)
 
 
 def make_eval_fn(
@@ -186,7 +207,8 @@ def make_eval_fn(
         return jax.lax.scan(body, zeros, micro)[0]
 
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(evaluate, in_shardings=(param_shardings, batch_sharding(mesh)), out_shardings=replicated)
+    jitted = jax.jit(evaluate, in_shardings=(param_shardings, batch_sharding(mesh)), out_shardings=replicated)
+    return under_mesh(mesh, jitted)
 
 
 def make_score_fn(
@@ -211,6 +233,7 @@ def make_score_fn(
         )
         return out.swapaxes(0, 1).reshape(-1, *out.shape[2:])
 
-    return jax.jit(
+    jitted = jax.jit(
         score, in_shardings=(param_shardings, batch_sharding(mesh)), out_shardings=batch_sharding(mesh)
     )
+    return under_mesh(mesh, jitted)
