@@ -7,7 +7,6 @@ fusion); bfloat16 inputs 2e-2 absolute (bf16 rounding of q/k/v and of the probab
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -11,11 +11,11 @@ import re
 
 import numpy as np
 import pytest
+from test_train_step import CFG, _setup, _sft_batch
 
 from atlas_jax.models.sharding import make_mesh
 from atlas_jax.training import train_step
 from atlas_jax.training.sft import sft_loss_fn
-from test_train_step import CFG, _setup, _sft_batch
 
 
 @pytest.mark.slow
@@ -26,7 +26,9 @@ def test_train_step_program_has_the_activation_shardings():
     shardings = train_step.state_shardings(tx, state.params, mesh)
     batch = _sft_batch(np.random.default_rng(0), rows=8)
     t = batch["tokens"].shape[1]
-    step = train_step.make_train_step(graphdef, rest, tx, loss_fn, num_micro=2, mesh=mesh, shardings=shardings)
+    step = train_step.make_train_step(
+        graphdef, rest, tx, loss_fn, num_micro=2, mesh=mesh, shardings=shardings
+    )
 
     lowered = step.lower(state, batch)
     assert lowered.as_text().count("sharding_constraint") > 0

@@ -44,7 +44,7 @@ class TrainState:
     opt_state: Any
 
 
-class under_mesh:  # noqa: N801 - used like a function decorator
+class under_mesh:
     """``jitted`` called, lowered and traced under ``jax.set_mesh(mesh)`` (activation constraints apply).
 
     Calls behave like ``jitted(...)``; ``.lower(...)`` (AOT: ``.lower(...).compile()``) also enters the mesh.
