@@ -205,6 +205,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (1, -1, 1)  # devices along (data, fsdp, tensor); one -1 takes all remaining devices
+    c.mesh.compilation_cache = (
+        "run"  # persistent XLA cache: "run" (output_dir/jax_cache), "user", a dir, "" off
+    )
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 50  # steps between checkpoints (0 = only at the end)

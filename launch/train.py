@@ -22,6 +22,9 @@ def train(config) -> None:
     from atlas_jax.training.validate import validate_config
 
     validate_config(config)
+    from atlas_jax import compile_cache
+
+    compile_cache.enable(str(config.mesh.get("compilation_cache", "run")), config.output_dir)
     if config.job == "sft":
         from atlas_jax.training.sft import run_sft
 
