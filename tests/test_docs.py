@@ -58,6 +58,7 @@ SUBSTITUTIONS: list[tuple[str, str, str, str]] = [
      "--config.protocol.num_baseline_samples=1 --config.protocol.num_student_samples=1 --config.eval.every_steps=0 "
      "--config.eval.num_problems=2 --config.eval.num_seeds=1 --config.eval.chunk=2 --config.model.compute_dtype=float32",
      "1 GRPO step of 2 problems x 2 samples, tiny budgets; the evaluation on 2 problems, 1 seed"),
+    ("benchmarks.md", "--batch_size=108", "--batch_size=12", "the CI quickstart holds 12 held-out problems"),
     ("multihost.md", "--config=configs/run/teacher_sft.py",
      "--config=configs/run/teacher_sft.py --config.model.teacher=runs/quickstart/student/hf "
      "--config.data.sft_path=atlas_jax/data/samples/sft_sample.jsonl --config.sft.num_steps=2 --config.sft.batch_size=8 "

@@ -1,7 +1,7 @@
 """Using a trained teacher: ``AdaptiveTeacher`` teaches any student (callable, HTTP endpoint or engine).
 
     from atlas_jax.inference import AdaptiveTeacher
-    teacher = AdaptiveTeacher.load("runs/quickstart/teacher_rl/hf", settings)
+    teacher = AdaptiveTeacher.from_config(run_config, "runs/quickstart/teacher_rl/hf")
     [r] = teacher.teach(["2+3+4"], student="http://127.0.0.1:8000/v1")
     r.teaching, r.answer, r.stayed_out, r.tokens, r.seconds
 
