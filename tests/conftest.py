@@ -3,6 +3,11 @@
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# CPU unless told otherwise (tools/gpu_check.sh sets JAX_PLATFORMS=cuda): with the `aot` extra installed, libtpu and
+# the CUDA plugin are importable, and JAX must not try to bring up a TPU/GPU client (compile-only AOT needs none).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

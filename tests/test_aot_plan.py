@@ -1,0 +1,84 @@
+"""bench/aot_plan.py: compile-only plans, a memory bound that can fail, and the TPU/GPU kernels compiled without a device.
+
+The CPU plan compiles our real SFT step / GRPO update / sampler for a tiny preset on the 8 local CPU devices and
+asserts the per-device peak stays under a stated bound: ``BOUND_MIB`` (measured 2-12 MiB per program on jax 0.10.2;
+the bound leaves ~4x headroom, so a regression such as unsharded parameters or materialised full-vocab logits per
+token fails it). The TPU (splash attention, v5e 2x2) and GPU (8 x H100, CUDA plugin) compiles need the ``aot``
+extra (``pip install -e ".[aot]"``: libtpu + jax-cuda12-plugin; ``make test`` installs it); cuDNN attention is
+not compiled here (it needs the 716 MB cudnn wheel at compile time) and is exercised on a GPU by
+tools/gpu_check.sh.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from bench import aot_plan
+
+BOUND_MIB = 48
+SMALL = {
+    "sft": ["sft.max_length=256", "sft.batch_size=8", "sft.micro_batch_size=4"],
+    "grpo": ["protocol.max_prompt_tokens=64", "protocol.max_teaching_tokens=64", "grpo.problems_per_step=4"],
+    "sample": [
+        "protocol.max_prompt_tokens=64",
+        "protocol.max_teaching_tokens=64",
+        "grpo.problems_per_step=8",
+    ],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", ["sft", "grpo", "sample"])
+def test_cpu_plan_stays_under_the_memory_bound(job):
+    report = aot_plan.plan(
+        "tiny_qwen3", "cpu-8", job, overrides=SMALL[job], hbm_gib=BOUND_MIB / 1024, margin=1.0
+    )
+    assert report["devices"] == 8 and report["mesh"] == [1, 8, 1]
+    assert report["programs"] and all(not p["error"] for p in report["programs"])
+    for p in report["programs"]:
+        assert p["peak"] > 0 and p["model_flops"] > 0
+        assert p["peak"] <= BOUND_MIB * 2**20, f"{p['name']}: {p['peak'] / 2**20:.1f} MiB > {BOUND_MIB} MiB"
+    assert report["fits"]
+    text = aot_plan.format_report(report)
+    assert "FITS" in text and report["programs"][0]["name"] in text
+
+
+def test_plan_reports_not_fitting_when_the_bound_is_passed():
+    report = aot_plan.plan("tiny_qwen3", "cpu-8", "sft", overrides=SMALL["sft"], hbm_gib=1 / 1024, margin=1.0)
+    assert not report["fits"] and "DOES NOT FIT" in aot_plan.format_report(report)
+    assert report["peak_bytes"] > 2**20  # the step needs more than the 1 MiB allowed
+
+
+def test_bad_topology_and_job_are_named():
+    with pytest.raises(ValueError, match=r"--topology='v9-1'"):
+        aot_plan.topology("v9-1")
+    with pytest.raises(ValueError, match=r"--job='train'"):
+        aot_plan.plan("tiny_qwen3", "cpu-8", "train")
+
+
+def _need_aot_extra(module: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        pytest.fail(f"{module} is not installed: pip install -e '.[aot]' (make test installs it)")
+
+
+@pytest.mark.slow
+@pytest.mark.aot
+def test_sft_step_with_splash_attention_compiles_for_tpu():
+    _need_aot_extra("libtpu")
+    report = aot_plan.plan("tiny_qwen3", "v5e-4", "sft", overrides=SMALL["sft"], attention="splash")
+    assert report["platform"] == "tpu" and report["devices"] == 4 and report["attention"] == "splash"
+    step = report["programs"][0]
+    assert not step["error"] and step["peak"] > 0 and report["fits"]
+    assert step["kernels"].get("tpu_custom_call", 0) >= 1, step["kernels"]  # the Pallas splash kernel
+
+
+@pytest.mark.slow
+@pytest.mark.aot
+def test_train_step_compiles_for_8_h100():
+    _need_aot_extra("jax_plugins.xla_cuda12")
+    report = aot_plan.plan("tiny_qwen3", "h100x8", "sft", overrides=SMALL["sft"], mesh_shape=(1, 4, 2))
+    assert report["platform"] == "gpu" and report["devices"] == 8
+    step = report["programs"][0]
+    assert not step["error"] and step["peak"] > 0 and report["fits"]
