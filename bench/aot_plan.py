@@ -394,6 +394,9 @@ def plan(
 
     import jax
 
+    if job not in ("sft", "grpo", "sample"):
+        raise ValueError(f"--job={job!r}: expected sft, grpo or sample")
+
     from atlas_jax.models.presets import get_preset
     from atlas_jax.models.sharding import make_mesh
 
@@ -425,10 +428,8 @@ def plan(
         programs, resident, info = _sample_programs(config, cfg, mesh)
     else:
         raise ValueError(f"--job={job!r}: expected sft, grpo or sample")
-    limit = margin * topo.hbm_gib * GIB
     worst = max(p.peak for p in programs) + resident
-    fits = all(not p.error for p in programs) and worst <= limit
-    return {
+    report = {
         "preset": preset,
         "topology": topology_name,
         "platform": topo.platform,
@@ -445,8 +446,15 @@ def plan(
         "peak_bytes": worst,
         "hbm_gib": topo.hbm_gib,
         "margin": margin,
-        "fits": fits,
     }
+    return with_verdict(report, topo.hbm_gib, margin)
+
+
+def with_verdict(report: dict[str, Any], hbm_gib: float, margin: float) -> dict[str, Any]:
+    """``report`` with ``fits``: every program compiled and peak + resident <= ``margin × hbm_gib`` GiB."""
+    ok = all(not p["error"] for p in report["programs"])
+    fits = ok and report["peak_bytes"] <= margin * hbm_gib * GIB
+    return {**report, "hbm_gib": hbm_gib, "margin": margin, "fits": fits}
 
 
 def format_report(r: dict[str, Any]) -> str:
