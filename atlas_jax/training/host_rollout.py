@@ -295,6 +295,7 @@ class HostRollout:
             mask_rows(arrays, [e.teacher_finish_reason == "length" for e in episodes])
         if not self.multi:
             return arrays
+        _check_per_host_learner(learner.spec, len(episodes), len(arrays["advantages"]))
         c = arrays["completion_mask"].shape[1]
         width = max(distributed.all_gather_objects(arrays["tokens"].shape[1] - c))
         arrays = pad_prompt_columns(arrays, width, c)
@@ -311,3 +312,21 @@ class HostRollout:
             out[f"student_prompts/host{p}"] = float(prompts)
             out[f"student_tokens/host{p}"] = float(tokens)
         return out
+
+
+def _check_per_host_learner(spec: Any, episodes: int, rows: int) -> None:
+    """Learner settings whose per-host rows would differ from one process's: a clear error, not a silent drift.
+
+    Batch-level reward scaling normalises over the whole step (a host sees only its share), and rows padded
+    per host would not tile the global batch.
+    """
+    if getattr(spec, "scale_rewards", "group") == "batch":
+        raise ValueError(
+            "--config.grpo.scale_rewards=batch normalises over the whole step; per-host rollouts see one share "
+            "(use 'group' with several processes)"
+        )
+    if rows != episodes:
+        raise ValueError(
+            f"this host's learner rows ({rows}) differ from its episodes ({episodes}): row padding per host "
+            "does not tile the global batch with several processes"
+        )
