@@ -1,16 +1,25 @@
 """The embedded JAX sampler: batched prefill + KV-cache decode of the policy itself (the default engine).
 
-On-policy by construction. The sampler never copies parameters. Built from an ``nnx.Module`` it reads
-``nnx.state(model)`` at every ``generate`` call, so it always samples from the module's *current* weights
-(an optimizer step that updates the module in place is seen by the next rollout). Built from
-``(graphdef, state)`` it keeps a reference to ``state``; ``update_weights(params)`` swaps that reference
-(an ``nnx.State``, a live module, or a flat ``{"a/b/c": array}`` dict) after checking paths and shapes.
-Arrays are passed to the jitted functions by reference, never donated, so the trainer's buffers stay valid.
+On-policy by construction. Built from an ``nnx.Module`` it reads ``nnx.state(model)`` at every
+``generate`` call, so it always samples from the module's *current* weights (an optimizer step that
+updates the module in place is seen by the next rollout). Built from ``(graphdef, state)`` it keeps a
+reference to ``state``; ``update_weights(params)`` swaps that reference (an ``nnx.State``, a live module,
+or a flat ``{"a/b/c": array}`` dict) after checking paths and shapes. The trainer's buffers are never
+donated.
+
+Rollout layout. Decoding from the training layout would cast every fp32 master weight to the compute
+dtype at every token and, under FSDP, all-gather every weight at every token. So the sampler decodes from
+a *rollout copy* (`rollout_copy`): weight matrices cast to ``cfg.dtype`` and everything resharded with
+`DECODE_RULES` (tensor-parallel over the mesh's ``tensor`` axis, replicated over ``data``/``fsdp``). The
+copy is rebuilt whenever the parameters it was made from change (``update_weights``, or new arrays in a
+live module: checked by identity at each ``generate``) and reused otherwise; ``reshard_seconds`` is the
+time the last rebuild took (0.0 when reused), logged per GRPO step as ``time/reshard``. When the copy
+would equal the source (no mesh, parameters already in the compute dtype) the source is used as is.
 
 Compilation. Shapes are bucketed so repeated calls reuse two compiled programs per bucket:
-prompts per call and prompt length round up to powers of two (min 1 and 16), ``max_tokens`` to a power of
-two (min 16; the exact limit is a traced scalar). Bucket-padding rows hold one dummy token and start
-finished. Prompts are left-padded; positions count from 0 at each row's first real token. The programs
+prompts per call and prompt length round up to powers of two (min 1 and ``prompt_bucket``), ``max_tokens``
+to a power of two (min 16; the exact limit is a traced scalar). Rows (``prompts x n``), not prompts, are
+padded to a multiple of the mesh's batch shards. Padding rows hold one dummy token and start finished. Prompts are left-padded; positions count from 0 at each row's first real token. The programs
 belong to the architecture, not the engine: samplers with an equal graphdef and mesh (teacher and student
 of one shape, successive checkpoints) share them (`compiled_programs`), so only the first one compiles.
 
@@ -32,6 +41,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -46,9 +56,13 @@ from atlas_jax.engines.base import Completion, Engine, Prompt, SamplingParams
 from atlas_jax.engines.sampling import Strategy
 from atlas_jax.models.kv_cache import KVCache
 from atlas_jax.models.params import flatten, unflatten
-from atlas_jax.models.sharding import spec_for
+from atlas_jax.models.sharding import LOGICAL_AXES_KEY, RULES, spec_for
 
 _MAX_STOP_IDS = 8  # stop-id vector is padded to a multiple of this (static shape)
+
+# The rollout copy's layout: the training rules without FSDP (the model dimension is replicated), so decode
+# steps never all-gather weights; heads / MLP / vocab stay sharded over "tensor" (within a host).
+DECODE_RULES: dict[str, tuple[str, ...] | None] = {**RULES, "embed": None}
 
 
 class DecodeState(NamedTuple):
@@ -81,6 +95,43 @@ def bucket(x: int, minimum: int) -> int:
     return 1 << (v - 1).bit_length()
 
 
+def rollout_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """`NamedSharding` of each leaf of ``state`` under `DECODE_RULES` (leaves without logical axes replicate)."""
+    sizes = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
+
+    def one(v: nnx.Variable) -> nnx.Variable:
+        axes = v.get_metadata().get(LOGICAL_AXES_KEY)
+        shape = v.get_value().shape
+        spec = PartitionSpec() if axes is None else spec_for(axes, shape, sizes, DECODE_RULES)
+        return v.replace(NamedSharding(mesh, spec))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _castable(x: jax.Array, dtype: jnp.dtype) -> bool:
+    """Matrices (ndim >= 2) not in ``dtype``: norm scales and biases stay as they are (tiny; the model
+    applies norm scales in float32, so rounding them would change the numbers)."""
+    return x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype
+
+
+def _to_dtype(dtype: jnp.dtype):
+    def cast(x: jax.Array) -> jax.Array:
+        return x.astype(dtype) if _castable(x, dtype) else x
+
+    return cast
+
+
+def rollout_copy(state: nnx.State, dtype: jnp.dtype | str, mesh: Mesh | None) -> nnx.State:
+    """The parameters the sampler decodes from: floating matrices cast to ``dtype``, laid out by `DECODE_RULES`.
+
+    A new array per leaf (the source is never aliased or donated), made by one jitted program per layout.
+    """
+    cast = _to_dtype(jnp.dtype(dtype))
+    if mesh is None:
+        return jax.jit(lambda s: jax.tree.map(cast, s))(state)
+    return jax.jit(lambda s: jax.tree.map(cast, s), out_shardings=rollout_shardings(state, mesh))(state)
+
+
 def _uniforms(keys: jax.Array, step: jax.Array) -> jax.Array:
     return jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step)))(keys)
 
@@ -106,7 +157,7 @@ def _shard(mesh: Mesh | None, x: jax.Array, axes: tuple[str | None, ...]) -> jax
 
 def _prefill_impl(
     graphdef, mesh, counts, params, ids, mask, live, seed, max_tokens, stop_ids, row0,
-    *, n, cache_len, max_new, strategy,
+    *, n, cache_len, max_new, strategy, row_multiple,
 ):  # fmt: skip
     counts["prefill"] += 1
     model = nnx.merge(graphdef, params)
@@ -114,12 +165,14 @@ def _prefill_impl(
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
     cache = KVCache.init(model.cfg, ids.shape[0], cache_len)
     hidden, cache = model.hidden_states(ids, positions, mask, cache, prefill=True)  # fresh cache: index 0
-    rep = functools.partial(jnp.repeat, repeats=n, total_repeat_length=ids.shape[0] * n)
+    b = -(-ids.shape[0] * n // row_multiple) * row_multiple  # rows padded to the mesh's batch shards
+    # Rows r >= prompts * n (padding) repeat the last prompt and start finished.
+    rep = functools.partial(jnp.repeat, repeats=n, total_repeat_length=b)
     cache = KVCache(
         k=rep(cache.k, axis=1), v=rep(cache.v, axis=1), mask=rep(cache.mask, axis=0), index=cache.index
     )
     cache = jax.tree.map(shard, cache, cache.sharding_axes())
-    b = ids.shape[0] * n
+    live = rep(live, axis=0) & (jnp.arange(b) < ids.shape[0] * n)
     row = functools.partial(shard, axes=("batch",))
     rows = row0 + jnp.arange(b, dtype=jnp.uint32)
     keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(rows)
@@ -131,7 +184,7 @@ def _prefill_impl(
         logprobs=shard(jnp.zeros((b, max_new), jnp.float32), ("batch", None)),
         step=jnp.zeros((), jnp.int32),
         positions=row(rep(positions[:, -1] + 1, axis=0)),
-        done=row(~rep(live, axis=0)),
+        done=row(~live),
         lengths=row(jnp.zeros((b,), jnp.int32)),
         keys=keys,
     )
@@ -166,7 +219,7 @@ class Programs(NamedTuple):
 
 def _build_programs(graphdef: Any, mesh: Mesh | None) -> Programs:
     counts: collections.Counter[str] = collections.Counter()
-    static = ("n", "cache_len", "max_new", "strategy")
+    static = ("n", "cache_len", "max_new", "strategy", "row_multiple")
     prefill = jax.jit(functools.partial(_prefill_impl, graphdef, mesh, counts), static_argnames=static)
     decode = functools.partial(_decode_impl, graphdef, counts)
     decode = jax.jit(decode, static_argnames="strategy", donate_argnames="st")
@@ -195,9 +248,13 @@ class JaxSampler(Engine):
     Args:
       model: an ``nnx.Module`` (live view: always samples its current weights) or ``(graphdef, state)``.
       tokenizer: HF tokenizer for text prompts, decoding and EOS (None: token-id prompts only, empty text).
-      mesh: when given, rows are sharded over the mesh's ``data``/``fsdp`` axes (params stay as placed).
+      mesh: when given, rows are sharded over the mesh's ``data``/``fsdp`` axes and the rollout copy is
+        laid out on it (`DECODE_RULES`).
       ignore_eos: do not add EOS to the stop ids (benchmarks).
       stop_check_every: decode steps between host checks of stop strings.
+      prompt_bucket: smallest prompt-length bucket (prompt lengths round up to a power of two >= this).
+      rollout_copy: decode from a compute-dtype copy laid out for decoding (module docstring); False
+        decodes from the parameters as they are (no extra memory).
     """
 
     def __init__(
@@ -208,7 +265,11 @@ class JaxSampler(Engine):
         mesh: Mesh | None = None,
         ignore_eos: bool = False,
         stop_check_every: int = 16,
+        prompt_bucket: int = 16,
+        rollout_copy: bool = True,
     ):
+        if int(prompt_bucket) < 1:
+            raise ValueError(f"prompt_bucket must be >= 1, got {prompt_bucket}")
         if isinstance(model, nnx.Module):
             self._graphdef, state = nnx.split(model)
             self._live: nnx.Module | None = model
@@ -220,6 +281,10 @@ class JaxSampler(Engine):
         self._tokenizer = tokenizer
         self.mesh = mesh
         self.stop_check_every = int(stop_check_every)
+        self.prompt_bucket = int(prompt_bucket)
+        self._rollout_copy = bool(rollout_copy)
+        self._copy: tuple[list[jax.Array], nnx.State] | None = None  # (source leaves, copy)
+        self.reshard_seconds = 0.0  # time the last rollout-copy rebuild took (0.0: reused)
         eos = set(self.cfg.eos_token_ids)
         if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(int(tokenizer.eos_token_id))
@@ -266,6 +331,43 @@ class JaxSampler(Engine):
             params = jax.eval_shape(lambda: self.params)
             nnx.replace_by_pure_dict(params, unflatten(flat))
         self._state, self._live = params, None
+        self.rollout_params()  # refresh the rollout copy now (timed as reshard_seconds)
+
+    def _needs_copy(self, state: nnx.State) -> bool:
+        """A leaf is not in the compute dtype, or not laid out as `DECODE_RULES` lay it out on the mesh."""
+        if not self._rollout_copy:
+            return False
+        dtype = jnp.dtype(self.cfg.dtype)
+        leaves = jax.tree.leaves(state)
+        if any(_castable(x, dtype) for x in leaves):
+            return True
+        if self.mesh is None:
+            return False
+        targets = jax.tree.leaves(rollout_shardings(state, self.mesh))
+        return any(not x.sharding.is_equivalent_to(t, x.ndim) for x, t in zip(leaves, targets, strict=True))
+
+    def rollout_params(self) -> nnx.State:
+        """The parameters ``generate`` decodes from: the rollout copy of `params` (rebuilt if they changed).
+
+        Sets ``reshard_seconds`` to the rebuild time (blocking until the copy exists), or 0.0 when the
+        copy of the same source arrays is reused or no copy is needed.
+        """
+        state = self.params
+        self.reshard_seconds = 0.0
+        if not self._needs_copy(state):
+            self._copy = None
+            return state
+        leaves = jax.tree.leaves(state)
+        src = self._copy[0] if self._copy is not None else []
+        if len(src) == len(leaves) and all(a is b for a, b in zip(src, leaves, strict=True)):
+            return self._copy[1]
+        self._copy = None  # drop the old copy before building the new one (peak memory)
+        t0 = time.perf_counter()
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            copy = jax.block_until_ready(rollout_copy(state, self.cfg.dtype, self.mesh))
+        self.reshard_seconds = time.perf_counter() - t0
+        self._copy = (leaves, copy)
+        return copy
 
     # ------------------------------------------------------------------------------------------ generate
     def _encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
@@ -290,7 +392,8 @@ class JaxSampler(Engine):
     def _put(self, x: np.ndarray) -> jax.Array:
         if self.mesh is None:
             return jnp.asarray(x)
-        spec = PartitionSpec(self._batch_axes or None, *([None] * (x.ndim - 1)))
+        axes = self._batch_axes if x.shape[0] % self._batch_multiple == 0 else ()
+        spec = PartitionSpec(axes or None, *([None] * (x.ndim - 1)))
         return jax.device_put(x, NamedSharding(self.mesh, spec))
 
     def generate(
@@ -311,8 +414,7 @@ class JaxSampler(Engine):
                 f"max_position_embeddings ({self.cfg.max_position_embeddings})"
             )
         bp = bucket(len(prompt_ids), 1)
-        bp = -(-bp // self._batch_multiple) * self._batch_multiple
-        tp, m = bucket(longest, 16), bucket(params.max_tokens, 16)
+        tp, m = bucket(longest, self.prompt_bucket), bucket(params.max_tokens, 16)
         ids, mask, live = np.zeros((bp, tp), np.int32), np.zeros((bp, tp), np.int32), np.zeros(bp, bool)
         mask[:, -1] = 1  # bucket-padding rows: one dummy token, finished from the start
         for i, p in enumerate(prompt_ids):
@@ -322,13 +424,13 @@ class JaxSampler(Engine):
         stop_ids[: len(stop)] = stop
         seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**31))
         strategy = Strategy.from_params(params.temperature, params.top_p, params.top_k)
-        weights = self.params
+        weights = self.rollout_params()
         max_tokens = jnp.int32(params.max_tokens)
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             st = self._prefill(
                 weights, self._put(ids), self._put(mask), self._put(live), jnp.uint32(seed % 2**32), max_tokens,
                 jnp.asarray(stop_ids), jnp.uint32(params.row_offset * n % 2**32), n=n, cache_len=tp + m,
-                max_new=m, strategy=strategy,
+                max_new=m, strategy=strategy, row_multiple=self._batch_multiple,
             )  # fmt: skip
             step = 1
             while True:

@@ -180,7 +180,12 @@ def student_engine(config: Any, mesh: Any = None) -> Engine:
         # Frozen: no backward pass (remat off) and no fp32 master copy (weights in the compute dtype).
         cfg = cfg.replace(remat=False, param_dtype=cfg.dtype)
         model = build_model(cfg, load_flat_params(path, cfg), mesh=mesh, seed=int(config.seed) + 1)
-        sampler = engine_class(kind)(model, load_tokenizer(path) if path else None, mesh=mesh)
+        sampler = engine_class(kind)(
+            model,
+            load_tokenizer(path) if path else None,
+            mesh=mesh,
+            prompt_bucket=int(config.engine.jax_prompt_bucket),
+        )
         return RowChunked(sampler, int(config.engine.jax_max_rows))
     if kind == "vllm":
         options = vllm_options(config, "student", load_tokenizer(path), _model_positions(path))
@@ -206,7 +211,13 @@ def teacher_engine(config: Any, policy: Any) -> Engine:
         from atlas_jax.training.train_step import merge_model
 
         model = merge_model(policy.graphdef, policy.params, policy.rest)
-        return engine_class(kind)(model, tokenizer, mesh=policy.mesh)
+        return engine_class(kind)(
+            model,
+            tokenizer,
+            mesh=policy.mesh,
+            prompt_bucket=int(config.engine.jax_prompt_bucket),
+            rollout_copy=bool(config.engine.jax_rollout_copy),
+        )
     if kind == "vllm":
         from atlas_jax.training.runtime import export_policy_hf
 

@@ -68,6 +68,7 @@ class GRPOSpec:
             ref_update=str(g.ref_update),
             ref_sync_steps=int(g.ref_sync_steps),
             ref_alpha=float(g.ref_alpha),
+            prompt_bucket=int(g.prompt_bucket),
         )
 
 

@@ -172,6 +172,9 @@ def train_grpo(
             "lr": float(policy.schedule(int(policy.state.step) - 1)),
         }
         record.update(timer.pop())
+        inner = timed_teacher.inner
+        if isinstance(inner, JaxSampler):  # the rollout copy's rebuild, inside time/weight_push
+            record["time/reshard"] = inner.reshard_seconds
         record.update(phases)
         record.update(hosts.work_metrics())
         record["update_tokens_per_s"] = (

@@ -74,9 +74,11 @@ def _grpo_errors(config: Any, shards: int) -> list[str]:
         e.append("--config.grpo.epsilon_low must be in [0, 1) and --config.grpo.epsilon_high >= 0")
     if g.beta < 0:
         e.append(f"--config.grpo.beta={g.beta} must be >= 0 (0 disables the reference)")
-    for name in ("num_iterations", "num_steps", "logprob_chunk", "problems_per_step"):
+    for name in ("num_iterations", "num_steps", "logprob_chunk", "problems_per_step", "prompt_bucket"):
         if g[name] < 1:
             e.append(f"--config.grpo.{name} must be >= 1, got {g[name]}")
+    if config.engine.jax_prompt_bucket < 1:
+        e.append(f"--config.engine.jax_prompt_bucket must be >= 1, got {config.engine.jax_prompt_bucket}")
     for name in ("max_probe_tokens", "max_teaching_tokens", "max_student_tokens", "max_prompt_tokens"):
         if p[name] < 1:
             e.append(f"--config.protocol.{name} must be >= 1, got {p[name]}")

@@ -1,0 +1,151 @@
+"""The JAX sampler's rollout layout on the 8-device fake CPU mesh (conftest): the compute-dtype copy it decodes
+from, its shardings, its refresh, rows padded to the mesh, and the prompt bucket.
+
+Model: a tiny random Qwen3 (hidden 64, 2 heads of 32, 1 kv head, MLP 160, vocab 320) with weights of scale
+0.15, so greedy decoding has no near-ties. References: the same weights decoded without a mesh and without
+a copy (the einsums then cast the fp32 masters to the compute dtype at every step, which must give the same
+numbers). Tolerances: fp32 compute tokens exact, log-probs 1e-4; bf16 compute tokens exact, log-probs 5e-2
+(tensor-parallel partial sums are added in another order before each bf16 rounding, ~0.4% of a value,
+and the differences compound over the decode steps through the bf16 KV cache; measured up to 0.025).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from atlas_jax.engines.base import SamplingParams
+from atlas_jax.engines.jax_sampler import JaxSampler
+from atlas_jax.models.config import ModelConfig
+from atlas_jax.models.params import build_model, flatten
+from atlas_jax.models.sharding import make_mesh
+from converters import mapping
+
+PROMPTS = [[5, 17, 42, 9], [100, 3], [7, 8, 9, 10, 11, 12, 13]]
+
+
+def _cfg(dtype: str) -> ModelConfig:
+    return ModelConfig(
+        model_type="qwen3", vocab_size=320, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=2,
+        num_kv_heads=1, head_dim=32, max_position_embeddings=256, tie_word_embeddings=True, dtype=dtype,
+        param_dtype="float32",
+    )  # fmt: skip
+
+
+def _flat(cfg: ModelConfig) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    out = {}
+    for row, ours, _ in mapping.expand(cfg):
+        shape = mapping.ours_shape(row, cfg)
+        if ours.endswith("scale"):
+            out[ours] = (1.0 + 0.2 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            out[ours] = (0.15 * rng.standard_normal(shape)).astype(np.float32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return make_mesh((2, 2, 2))  # data, fsdp, tensor
+
+
+def _spec(x: jax.Array) -> PartitionSpec:
+    return x.sharding.spec
+
+
+def test_rollout_copy_is_compute_dtype_tensor_parallel_and_refreshed(mesh):
+    cfg = _cfg("bfloat16")
+    model = build_model(cfg, _flat(cfg), mesh=mesh)
+    master = flatten(model)
+    # The training layout FSDP-shards the model dimension (so decoding from it would all-gather weights).
+    assert "fsdp" in tuple(_spec(master["embed/embedding"]))
+    eng = JaxSampler(model, None, mesh=mesh)
+    copy = flatten(eng.rollout_params())
+    assert eng.reshard_seconds > 0.0
+    assert set(copy) == set(master)
+    for k, x in copy.items():
+        # Matrices in the compute dtype; norm scales (1-D) stay fp32 (the model applies them in fp32).
+        want = jnp.bfloat16 if x.ndim >= 2 else jnp.float32
+        assert x.dtype == want, (k, x.dtype)
+        assert "fsdp" not in jax.tree.leaves(tuple(_spec(x))), (k, _spec(x))
+        np.testing.assert_array_equal(
+            np.asarray(x.astype(jnp.float32)), np.asarray(master[k].astype(want).astype(jnp.float32))
+        )
+    # Hand-derived layouts: heads / MLP / vocab over "tensor" (size 2 divides them), the rest replicated
+    # (1 kv head does not divide). Per-layer tensors are found by suffix (stacked or per-layer paths).
+    expected = {
+        "embed/embedding": ("tensor", None),
+        "mlp/gate_proj/kernel": (None, "tensor"),
+        "mlp/down_proj/kernel": ("tensor", None),
+        "attn/q_proj/kernel": (None, "tensor", None),
+        "attn/k_proj/kernel": (None, None, None),
+        "final_norm/scale": (None,),
+    }
+    for suffix, want in expected.items():
+        key = min(k for k in copy if k.endswith(suffix))
+        spec = tuple(_spec(copy[key])) + (None,) * (copy[key].ndim - len(_spec(copy[key])))
+        assert spec[len(spec) - len(want) :] == want, (key, spec)
+        assert all(a is None for a in spec[: len(spec) - len(want)]), (key, spec)  # a stacked layer axis
+    for x in copy.values():
+        assert x.sharding.mesh.shape == mesh.shape
+    # Reused while the source arrays are the same; rebuilt when they change.
+    again = eng.rollout_params()
+    assert eng.reshard_seconds == 0.0
+    assert flatten(again)["embed/embedding"] is copy["embed/embedding"]
+    eng.update_weights({k: v * 2 for k, v in master.items()})
+    assert eng.reshard_seconds > 0.0
+    doubled = flatten(eng.rollout_params())["final_norm/scale"]
+    np.testing.assert_allclose(
+        np.asarray(doubled, np.float32), 2 * np.asarray(master["final_norm/scale"]), rtol=1e-2
+    )
+
+
+def test_no_copy_when_params_already_fit():
+    cfg = _cfg("float32")
+    model = build_model(cfg, _flat(cfg))
+    eng = JaxSampler(model, None)
+    used, source = jax.tree.leaves(eng.rollout_params()), jax.tree.leaves(nnx.state(model))
+    assert all(a is b for a, b in zip(used, source, strict=True))  # fp32 in, fp32 compute, no mesh: as is
+    assert eng.reshard_seconds == 0.0
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [("float32", 1e-4), ("bfloat16", 5e-2)])
+def test_sampling_from_the_sharded_copy_equals_unsharded(mesh, dtype, atol):
+    cfg = _cfg(dtype)
+    flat = _flat(cfg)
+    sharded = JaxSampler(build_model(cfg, flat, mesh=mesh), None, mesh=mesh)
+    plain = JaxSampler(build_model(cfg, flat), None, rollout_copy=False)
+    runs = [SamplingParams(temperature=0.0, max_tokens=10)]
+    if dtype == "float32":  # a bf16 rounding difference may move a sampled token across a CDF boundary
+        runs.append(SamplingParams(temperature=1.0, max_tokens=10, seed=3))
+    for params in runs:
+        got, ref = sharded.generate(PROMPTS, params, n=2), plain.generate(PROMPTS, params, n=2)
+        for g, r in zip(got, ref, strict=True):
+            for a, b in zip(g, r, strict=True):
+                assert a.token_ids == b.token_ids
+                np.testing.assert_allclose(a.logprobs, b.logprobs, atol=atol)
+
+
+def test_rows_not_prompts_are_padded_to_the_mesh_and_prompt_bucket(mesh):
+    cfg = _cfg("float32")
+    eng = JaxSampler(build_model(cfg, _flat(cfg), mesh=mesh), None, mesh=mesh, prompt_bucket=32)
+    shapes = []
+    prefill = eng._prefill
+
+    def spy(weights, ids, *args, **kwargs):
+        st = prefill(weights, ids, *args, **kwargs)
+        shapes.append((ids.shape, st.tokens.shape[0]))
+        return st
+
+    eng._prefill = spy
+    out = eng.generate(PROMPTS[:1], SamplingParams(temperature=1.0, max_tokens=4, seed=0), n=2)
+    # 1 prompt x 2 samples = 2 rows, padded to the 4 batch shards (data x fsdp); the prompt is not padded
+    # to 4 prompts (8 rows). Prompt length 4 rounds up to the 32 bucket.
+    assert shapes == [((1, 32), 4)]
+    assert [len(c.token_ids) for c in out[0]] == [4, 4]
+    with pytest.raises(ValueError, match="prompt_bucket"):
+        JaxSampler(nnx.Module.__new__(nnx.Module), None, prompt_bucket=0)
