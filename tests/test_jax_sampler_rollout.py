@@ -39,8 +39,7 @@ def _cfg(dtype: str) -> ModelConfig:
 def _flat(cfg: ModelConfig) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     out = {}
-    for row, ours, _ in mapping.expand(cfg):
-        shape = mapping.ours_shape(row, cfg)
+    for ours, shape in mapping.flat_shapes(cfg).items():
         if ours.endswith("scale"):
             out[ours] = (1.0 + 0.2 * rng.standard_normal(shape)).astype(np.float32)
         else:
@@ -149,3 +148,31 @@ def test_rows_not_prompts_are_padded_to_the_mesh_and_prompt_bucket(mesh):
     assert [len(c.token_ids) for c in out[0]] == [4, 4]
     with pytest.raises(ValueError, match="prompt_bucket"):
         JaxSampler(nnx.Module.__new__(nnx.Module), None, prompt_bucket=0)
+
+
+def test_per_layer_cache_decodes_like_the_stacked_cache():
+    """The sampler's per-layer KV-cache layout gives the stacked layout's hidden states (fp32, 1e-6)."""
+    from atlas_jax.models.kv_cache import KVCache
+
+    cfg = _cfg("float32")
+    model = build_model(cfg, _flat(cfg))
+    ids = jnp.asarray([[0, 0, 5, 17, 42], [7, 8, 9, 10, 11]], jnp.int32)
+    mask = (ids > 0).astype(jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    outs = []
+    for split in (False, True):
+        cache = KVCache.init(cfg, 2, 12)
+        cache = cache.split_layers() if split else cache
+        assert cache.per_layer == split and cache.max_len == 12
+        hidden, cache = model.hidden_states(ids, positions, mask, cache)
+        steps = [hidden[:, -1]]
+        pos = positions[:, -1:]
+        for tok in (3, 99, 250):
+            pos = pos + 1
+            hidden, cache = model.hidden_states(
+                jnp.full((2, 1), tok, jnp.int32), pos, jnp.ones((2, 1)), cache
+            )
+            steps.append(hidden[:, -1])
+        assert isinstance(cache.k, tuple) == split
+        outs.append(np.stack([np.asarray(s) for s in steps]))
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-6)

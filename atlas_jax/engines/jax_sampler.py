@@ -163,13 +163,14 @@ def _prefill_impl(
     model = nnx.merge(graphdef, params)
     shard = functools.partial(_shard, mesh)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-    cache = KVCache.init(model.cfg, ids.shape[0], cache_len)
+    cache = KVCache.init(model.cfg, ids.shape[0], cache_len).split_layers()  # in-place updates (see KVCache)
     hidden, cache = model.hidden_states(ids, positions, mask, cache, prefill=True)  # fresh cache: index 0
     b = -(-ids.shape[0] * n // row_multiple) * row_multiple  # rows padded to the mesh's batch shards
     # Rows r >= prompts * n (padding) repeat the last prompt and start finished.
     rep = functools.partial(jnp.repeat, repeats=n, total_repeat_length=b)
+    rep0 = functools.partial(rep, axis=0)
     cache = KVCache(
-        k=rep(cache.k, axis=1), v=rep(cache.v, axis=1), mask=rep(cache.mask, axis=0), index=cache.index
+        k=tuple(map(rep0, cache.k)), v=tuple(map(rep0, cache.v)), mask=rep0(cache.mask), index=cache.index
     )
     cache = jax.tree.map(shard, cache, cache.sharding_axes())
     live = rep(live, axis=0) & (jnp.arange(b) < ids.shape[0] * n)

@@ -157,6 +157,12 @@ class Decoder(nnx.Module):
                 body, policy=remat_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers
             )
         layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        if kv is not None and isinstance(kv[0], tuple):  # per-layer cache: unrolled, each buffer in place
+            ks, vs = list(kv[0]), list(kv[1])
+            for i in range(cfg.num_layers):
+                layer_state = jax.tree.map(lambda a, i=i: a[i], state)
+                (x_btd, (ks[i], vs[i])), _ = body((x_btd, (ks[i], vs[i])), (layer_state, None))
+            return x_btd, (tuple(ks), tuple(vs))
         if cfg.scan_layers:
             (x_btd, kv), _ = jax.lax.scan(body, (x_btd, kv), (state, layer_ids))
             return x_btd, kv

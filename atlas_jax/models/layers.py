@@ -155,9 +155,10 @@ class Attention(nnx.Module):
         sin: Float[Array, "b t h"],
         ctx: AttentionContext,
         kv: tuple[Array, Array] | None = None,
-        layer: Int[Array, ""] | int = 0,
+        layer: Int[Array, ""] | int | None = 0,
     ) -> tuple[Float[Array, "b t d"], tuple[Array, Array] | None]:
-        """Returns ``(output [B,T,D], kv)``; ``kv`` = the stacked ``(k, v)`` cache buffers, updated (or None)."""
+        """Returns ``(output [B,T,D], kv)``; ``kv`` = the ``(k, v)`` cache buffers, updated (or None): stacked
+        ``[L,B,S,K,H]`` with ``layer`` its index, or this layer's own ``[B,S,K,H]`` with ``layer=None``."""
         q_btnh = self._project(x_btd, self.q_proj)
         k_btkh = self._project(x_btd, self.k_proj)
         v_btkh = self._project(x_btd, self.v_proj)
@@ -168,12 +169,19 @@ class Attention(nnx.Module):
         if kv is not None:
             k_all, v_all = kv
             zero = jnp.zeros((), jnp.int32)
-            start = (jnp.asarray(layer, jnp.int32), zero, ctx.index.astype(jnp.int32), zero, zero)
-            k_all = jax.lax.dynamic_update_slice(k_all, k_btkh.astype(k_all.dtype)[None], start)
-            v_all = jax.lax.dynamic_update_slice(v_all, v_btkh.astype(v_all.dtype)[None], start)
+            if layer is None:  # this layer's own [B, S, K, H] buffers (per-layer cache layout)
+                start = (zero, ctx.index.astype(jnp.int32), zero, zero)
+                k_new, v_new = k_btkh, v_btkh
+            else:  # stacked [L, B, S, K, H] buffers: write layer ``layer``'s slice
+                start = (jnp.asarray(layer, jnp.int32), zero, ctx.index.astype(jnp.int32), zero, zero)
+                k_new, v_new = k_btkh[None], v_btkh[None]
+            k_all = jax.lax.dynamic_update_slice(k_all, k_new.astype(k_all.dtype), start)
+            v_all = jax.lax.dynamic_update_slice(v_all, v_new.astype(v_all.dtype), start)
             kv = (k_all, v_all)
         if kv is None or ctx.prefill:
             out_btnh = attention.self_attention(q_btnh, k_btkh, v_btkh, ctx.segment_bt, **kw)
+        elif layer is None:
+            out_btnh = attention.cached_attention(q_btnh, kv[0], kv[1], ctx.slot_mask_bs, ctx.index, **kw)
         else:
             k_bskh = jax.lax.dynamic_index_in_dim(kv[0], layer, axis=0, keepdims=False)
             v_bskh = jax.lax.dynamic_index_in_dim(kv[1], layer, axis=0, keepdims=False)
