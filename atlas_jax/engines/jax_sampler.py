@@ -157,7 +157,7 @@ def _shard(mesh: Mesh | None, x: jax.Array, axes: tuple[str | None, ...]) -> jax
 
 def _prefill_impl(
     graphdef, mesh, counts, params, ids, mask, live, seed, max_tokens, stop_ids, row0,
-    *, n, cache_len, max_new, strategy, row_multiple,
+    *, n, cache_len, max_new, strategy, row_multiple=1,
 ):  # fmt: skip
     counts["prefill"] += 1
     model = nnx.merge(graphdef, params)
