@@ -151,7 +151,8 @@ def test_rows_not_prompts_are_padded_to_the_mesh_and_prompt_bucket(mesh):
 
 
 def test_per_layer_cache_decodes_like_the_stacked_cache():
-    """The sampler's per-layer KV-cache layout gives the stacked layout's hidden states (fp32, 1e-6)."""
+    """The per-layer KV-cache layout gives the stacked layout's hidden states (fp32; 1e-5 on values up to ~3:
+    the unrolled layers and the scanned ones fuse their float32 ops differently, measured 2.4e-6)."""
     from atlas_jax.models.kv_cache import KVCache
 
     cfg = _cfg("float32")
@@ -175,4 +176,4 @@ def test_per_layer_cache_decodes_like_the_stacked_cache():
             steps.append(hidden[:, -1])
         assert isinstance(cache.k, tuple) == split
         outs.append(np.stack([np.asarray(s) for s in steps]))
-    np.testing.assert_allclose(outs[1], outs[0], atol=1e-6)
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-5)
