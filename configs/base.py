@@ -194,6 +194,37 @@ def get_config() -> ml_collections.ConfigDict:
     )
     c.grpo.logprob_chunk = 128  # sequence positions per logits chunk: peak logits memory is [B, chunk, V]
     c.grpo.prompt_bucket = 64  # learner batches: prompt length rounds up to a multiple of this
+    # -- issue 13: reward scaling, GSPO, rollout correction, over-long handling, dynamic sampling, async
+    c.grpo.scale_rewards = (
+        "group"  # advantage="grpo" divides by: "group" std, "batch" std or "none" (no division)
+    )
+    c.grpo.std_floor = (
+        0.0  # floor on that std: efficiency-only spreads below it stay small advantages (0 = off)
+    )
+    c.grpo.ratio_level = (
+        "token"  # importance ratio: "token" (PPO/GRPO) or "sequence" (GSPO, length-normalised)
+    )
+    c.grpo.sequence_epsilon_low = (
+        3e-4  # lower clip of the sequence-level ratio (used when ratio_level="sequence")
+    )
+    c.grpo.sequence_epsilon_high = 4e-4  # upper clip of the sequence-level ratio (GSPO paper: 3e-4 / 4e-4)
+    c.grpo.rollout_correction = (
+        "none"  # sampler/trainer mismatch: "none", "tis" (truncated IS) or "mis" (masked)
+    )
+    c.grpo.rollout_correction_level = (
+        "token"  # "token" ratios or "sequence" (geometric mean over the completion)
+    )
+    c.grpo.rollout_correction_threshold = (
+        2.0  # C > 1: tis truncates weights at C, mis drops ratios outside [1/C, C]
+    )
+    c.grpo.overlong_buffer = 0  # soft over-long penalty over the last this-many budget tokens (0 = off; DAPO)
+    c.grpo.overlong_penalty = 1.0  # the penalty reaches -this at the full budget (grpo.overlong_buffer > 0)
+    c.grpo.dynamic_sampling = False  # DAPO: drop groups whose rewards are all equal, roll out more problems
+    c.grpo.dynamic_sampling_eps = 1e-6  # a group is informative when max - min reward exceeds this
+    c.grpo.dynamic_sampling_max_rounds = 3  # rollout calls per step at most (1 = no extra generation)
+    c.grpo.max_staleness = (
+        0  # async rollouts: 0 = on-policy; k >= 1 = up to k rollouts run ahead of the update
+    )
 
     c.optim = ml_collections.ConfigDict()
     c.optim.schedule = "constant"  # learning-rate shape after warm-up: "constant" or "cosine"

@@ -1,18 +1,22 @@
 """The GRPO learner: one rollout batch in, ``num_iterations`` optimiser updates out.
 
 Per batch (P problems × G teacher samples):
-1. advantages per group (``training/advantages.py``);
+1. rewards plus the soft over-long penalty (``training/overlong.py``), then advantages per group
+   (``training/advantages.py``: group / batch / no scaling, optional floor on the scale);
 2. rows padded into ``[prompt | completion]`` with the *exact* prompt ids each completion was sampled
    from (``training/batching.py``);
 3. reference log-probs (only when β > 0: β = 0 never runs a reference forward) and, when μ > 1, the
    old log-probs of the current policy, both stored before the first update;
-4. μ exact-accumulated updates of the clipped GRPO objective (``training/losses.py``) at the sampling
-   temperature; with μ = 1 the old log-probs are ``stop_gradient`` of the current ones (ratio 1);
+4. μ exact-accumulated updates of the clipped GRPO objective (``training/losses.py``, token- or
+   sequence-level ratios) at the sampling temperature; with μ = 1 the old log-probs are
+   ``stop_gradient`` of the current ones (ratio 1); the policy-gradient term is weighted by the rollout correction
+   (``training/rollout_correction.py``: TIS/MIS on ``log π_old − log q_sampler``);
 5. an EMA reference sync ``ref ← α·θ + (1−α)·ref`` every ``ref_sync_steps`` batches when
    ``ref_update == "ema"``.
 
 The sampler-vs-trainer log-prob mismatch (mean |Δ| and a k3 KL estimate of KL(sampler ‖ trainer)) is
-measured in the first update, where the trainer weights are exactly the ones the sampler used.
+measured in the first update: with synchronous rollouts the trainer weights are exactly the ones the
+sampler used (the mismatch is numerics); with asynchronous ones it also holds the policy's staleness.
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from atlas_jax.training import batching, train_step
+from atlas_jax.training import batching, overlong, train_step
 from atlas_jax.training.advantages import group_advantages
 from atlas_jax.training.logprobs import completion_logprobs
 from atlas_jax.training.losses import grpo_loss
+from atlas_jax.training.rollout_correction import correction_weights
 from atlas_jax.training.runtime import Policy
 
 
@@ -50,14 +55,24 @@ class GRPOSpec:
     ref_sync_steps: int = 1
     ref_alpha: float = 1.0
     prompt_bucket: int = 64
+    scale_rewards: str = "group"
+    std_floor: float = 0.0
+    ratio_level: str = "token"
+    rollout_correction: str = "none"
+    rollout_correction_level: str = "token"
+    rollout_correction_threshold: float = 2.0
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
+    pad_rows_to: int = 1
 
     @classmethod
     def from_config(cls, config: Any) -> GRPOSpec:
         g = config.grpo
+        seq = str(g.get("ratio_level", "token")) == "sequence"
         return cls(
             temperature=float(g.temperature),
-            epsilon_low=float(g.epsilon_low),
-            epsilon_high=float(g.epsilon_high),
+            epsilon_low=float(g.sequence_epsilon_low if seq else g.epsilon_low),
+            epsilon_high=float(g.sequence_epsilon_high if seq else g.epsilon_high),
             beta=float(g.beta),
             advantage=str(g.advantage),
             loss_aggregation=str(g.loss_aggregation),
@@ -69,6 +84,16 @@ class GRPOSpec:
             ref_sync_steps=int(g.ref_sync_steps),
             ref_alpha=float(g.ref_alpha),
             prompt_bucket=int(g.prompt_bucket),
+            scale_rewards=str(g.get("scale_rewards", "group")),
+            std_floor=float(g.get("std_floor", 0.0)),
+            ratio_level=str(g.get("ratio_level", "token")),
+            rollout_correction=str(g.get("rollout_correction", "none")),
+            rollout_correction_level=str(g.get("rollout_correction_level", "token")),
+            rollout_correction_threshold=float(g.get("rollout_correction_threshold", 2.0)),
+            overlong_buffer=int(g.get("overlong_buffer", 0)),
+            overlong_penalty=float(g.get("overlong_penalty", 1.0)),
+            # dynamic sampling may keep fewer groups: pad to one learner batch shape (one compile)
+            pad_rows_to=int(g.problems_per_step) * int(g.num_generations) if g.get("dynamic_sampling") else 1,
         )
 
 
@@ -84,11 +109,17 @@ def grpo_loss_fn(spec: GRPOSpec) -> train_step.LossFn:
         )  # fmt: skip
         mask = mb["completion_mask"]
         old = mb["old_logprobs"] if "old_logprobs" in mb else jax.lax.stop_gradient(lp)
+        weights, rc_sums = correction_weights(
+            old, mb["sampler_logprobs"], mask, mode=spec.rollout_correction,
+            level=spec.rollout_correction_level, threshold=spec.rollout_correction_threshold,
+        )  # fmt: skip
         s, d, sums = grpo_loss(
             lp, old, mb.get("ref_logprobs"), mb["advantages"], mask,
             epsilon_low=spec.epsilon_low, epsilon_high=spec.epsilon_high, beta=spec.beta,
             aggregation=spec.loss_aggregation, constant_length=spec.completion_len,
+            ratio_level=spec.ratio_level, weights=None if spec.rollout_correction == "none" else weights,
         )  # fmt: skip
+        sums.update(rc_sums)
         diff = jax.lax.stop_gradient(lp) - mb["sampler_logprobs"]  # log π_trainer − log π_sampler
         sums["mismatch_abs"] = (jnp.abs(diff) * mask).sum()
         sums["mismatch_kl"] = ((jnp.exp(diff) - 1.0 - diff) * mask).sum()
@@ -158,12 +189,27 @@ class GRPOLearner:
         sampler_logprobs: Sequence[Sequence[float]],
         rewards: np.ndarray,
     ) -> dict[str, np.ndarray]:
-        """Host arrays for one rollout; ``rewards`` is ``[P, G]`` and rows are problem-major."""
-        adv = np.asarray(group_advantages(jnp.asarray(rewards), self.spec.advantage)).reshape(-1)
-        return batching.grpo_arrays(
-            prompt_ids, completion_ids, sampler_logprobs, adv,
-            completion_len=self.spec.completion_len, prompt_bucket=self.spec.prompt_bucket,
+        """Host arrays for one rollout; ``rewards`` is ``[P, G]`` and rows are problem-major.
+
+        The soft over-long penalty is added to ``rewards`` before the advantages (truncated rows leave
+        the loss in ``HostRollout.learner_batch`` with ``grpo.mask_truncated``). Rows are padded with
+        empty ones up to a multiple of ``pad_rows_to``.
+        """
+        spec = self.spec
+        rewards = np.asarray(rewards, np.float32)
+        lengths = [len(c) for c in completion_ids]
+        penalty = overlong.soft_overlong_penalty(
+            lengths, spec.completion_len, spec.overlong_buffer, spec.overlong_penalty
+        )
+        rewards = rewards + penalty.reshape(rewards.shape)
+        adv = group_advantages(
+            jnp.asarray(rewards), spec.advantage, scale=spec.scale_rewards, std_floor=spec.std_floor
+        )
+        out = batching.grpo_arrays(
+            prompt_ids, completion_ids, sampler_logprobs, np.asarray(adv).reshape(-1),
+            completion_len=spec.completion_len, prompt_bucket=spec.prompt_bucket, pad_rows_to=spec.pad_rows_to,
         )  # fmt: skip
+        return out
 
     def update(self, batch: dict[str, np.ndarray], rollout_step: int) -> dict[str, jax.Array]:
         """μ optimiser updates on one rollout batch; returns device metrics (fetch them later)."""
@@ -197,6 +243,9 @@ def summarize(per_iter: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
         "entropy": first["entropy"] / tokens,
         "logprob_mismatch_abs": first["mismatch_abs"] / tokens,
         "logprob_mismatch_kl": first["mismatch_kl"] / tokens,
+        "rollout_correction/weight_mean": first["rc_weight"] / tokens,
+        "rollout_correction/masked_frac": first["rc_masked"] / tokens,
+        "rollout_correction/truncated_frac": first["rc_truncated"] / tokens,
         "completion_tokens": first["tokens"],
         "skipped": sum(m["skipped"] for m in per_iter),  # updates left out for a non-finite loss
     }

@@ -4,7 +4,10 @@
 with its own engines); ``run_grpo(config)`` builds data, policy and engines from the config first.
 Per step the timings of each phase are logged (``time/weight_push``; ``time/rollout`` and inside it
 ``time/gen_baseline``, ``time/gen_probe``, ``time/gen_teacher``, ``time/gen_taught``, ``time/scoring``;
-``time/update``, ``time/checkpoint``), plus every rollout metric
+``time/update``, ``time/checkpoint``; ``time/rollout_wait`` is how long the loop waited for the rollout:
+all of it on-policy, only what did not overlap the previous update with ``grpo.max_staleness`` > 0),
+the rollout scheduling (``training/rollout_source.py``: ``dynamic/*``, ``async/staleness``), plus every
+rollout metric
 (``atlas_jax.metrics.rollout_metrics``: reward mean/std and terms, LR, NDR, LES, accuracies, completion
 rate, lengths), the learner's metrics (loss, KL, clip fraction, entropy, grad norm, sampler-vs-trainer
 log-prob mismatch) and throughput.
@@ -30,9 +33,10 @@ from atlas_jax.metrics import rollout_metrics
 from atlas_jax.protocol.batch import RolloutBatch
 from atlas_jax.protocol.screening import screen_problems
 from atlas_jax.training import host_rollout, rl_setup
-from atlas_jax.training.grpo import GRPOLearner, GRPOSpec
+from atlas_jax.training.grpo import GRPOLearner, GRPOSpec, copy_params
 from atlas_jax.training.nan_guard import NonFiniteMonitor
 from atlas_jax.training.preemption import StopSignal
+from atlas_jax.training.rollout_source import RolloutSource, SourceSettings
 from atlas_jax.training.runtime import Policy, make_policy
 from atlas_jax.training.sft import EpochOrder, _maybe_export
 from atlas_jax.training.writers import MetricsWriter, PhaseTimer, progress_bar
@@ -139,31 +143,32 @@ def train_grpo(
     end, stop_after = total, int(config.checkpoint.stop_after_steps)
     monitor = NonFiniteMonitor(int(config.reliability.max_nonfinite_steps))  # training/nan_guard.py
     stop = StopSignal(enabled=bool(config.reliability.handle_signals)).install()  # training/preemption.py
+    source = rollout_source(hosts, timed_student, timed_teacher, train, order, policy, config)
+    position = order.position
     for step in range(policy.start_step, total):
         t0 = time.perf_counter()
-        with timer("weight_push"):
-            push_weights(teacher, policy)  # on-policy: every rollout samples the newest weights
-        problems = [train[i] for i in order.take(int(g.problems_per_step))]
-        timed_student.pop(), timed_teacher.pop()
-        t_roll = time.perf_counter()
-        with timer("rollout"):
-            local, batch = hosts.run(problems, step)  # this host's share; all shares (for metrics)
-        phases = phase_times(timed_student.pop(), timed_teacher.pop(), time.perf_counter() - t_roll)
+        with timer("rollout_wait"):  # on-policy: the whole weight push + rollout; async: the wait
+            sr = source.get(step)
+        source.prefetch(step + 1, total, weights_step=step)  # async: the next rollouts overlap this update
+        batch, position, phases = sr.generated, sr.position, {**sr.times, **sr.stats}
+        phases["async/staleness"] = float(step - sr.weights_step)
         episodes = batch.episodes
         with timer("update"):
-            # this host's rows of the global batch
-            arrays = hosts.learner_batch(learner, local, mask_truncated=bool(g.mask_truncated))
+            # this host's rows of the global batch (the kept groups with dynamic sampling)
+            arrays = hosts.learner_batch(learner, sr.batch, mask_truncated=bool(g.mask_truncated))
             metrics = jax.device_get(learner.update(arrays, step))
         skipped = monitor.observe(step + 1, metrics)  # raises after max_nonfinite_steps in a row
         t_eval, evaluated = time.perf_counter(), {}
         # Evaluate before the save, so the checkpoint holds the evaluation's baseline cache too.
         if (eval_every and (step + 1) % eval_every == 0) or step + 1 == total:
+            source.wait()  # async: the engines are free again
             evaluated = _evaluate(config, eval_hosts, teacher, policy, eval_problems, writer, step + 1)
         t_eval = time.perf_counter() - t_eval
         with timer("checkpoint"):
             if not skipped:  # a step whose update was skipped is never checkpointed
+                source.wait()  # async: the rollout in flight no longer writes the baseline cache
                 meta = baseline_meta(hosts.rollout, eval_hosts.rollout)
-                policy.save(step + 1, data_position=order.position, extra=policy.extra, meta=meta)
+                policy.save(step + 1, data_position=position, extra=policy.extra, meta=meta)
         record = {
             **rollout_metrics(batch),
             "probes_cut": batch.probes_cut,
@@ -193,8 +198,9 @@ def train_grpo(
             end = step + 1
             break
     stop.close()
+    source.close()
     meta = baseline_meta(hosts.rollout, eval_hosts.rollout)
-    policy.save(end, data_position=order.position, extra=policy.extra, meta=meta, force=True)
+    policy.save(end, data_position=position, extra=policy.extra, meta=meta, force=True)
     policy.ckpt.wait()
     bar.close()
     writer.close()
@@ -214,6 +220,35 @@ def restore_baselines(meta: dict[str, Any], rollout: Any, eval_rollout: Any) -> 
     caches = meta.get("baseline_cache", {})
     rollout.load_baseline_state(caches.get("train", {}))
     eval_rollout.load_baseline_state(caches.get("eval", {}))
+
+
+def rollout_source(hosts, timed_student, timed_teacher, train, order, policy, config) -> RolloutSource:
+    """The loop's ``RolloutSource``: rounds of ``HostRollout.run`` with per-phase timings, on-policy
+    weight pushes (or pushes of a weight snapshot when ``grpo.max_staleness`` > 0)."""
+
+    def run(problems, seed_step):
+        timed_student.pop(), timed_teacher.pop()
+        t = time.perf_counter()
+        local, everything = hosts.run(problems, seed_step)  # this host's share; all shares
+        return (
+            local,
+            everything,
+            phase_times(timed_student.pop(), timed_teacher.pop(), time.perf_counter() - t),
+        )
+
+    def push(params):
+        push_weights(timed_teacher, policy) if params is None else timed_teacher.update_weights(params)
+
+    settings = SourceSettings.from_config(config)
+    if (settings.max_staleness > 0 or settings.dynamic_sampling) and distributed.process_count() > 1:
+        raise ValueError(
+            "--config.grpo.max_staleness > 0 (async rollouts) and --config.grpo.dynamic_sampling run on one "
+            "process only (per-host shares of a step are fixed by the learner batch layout)"
+        )
+    return RolloutSource(
+        run, lambda k: [train[i] for i in order.take(k)], lambda: dict(order.position), push,
+        lambda: copy_params(policy.params), settings,
+    )  # fmt: skip
 
 
 def problem_order(problems: Sequence[Any], seed: int, shuffle: bool, position: dict) -> Any:

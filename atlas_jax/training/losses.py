@@ -11,7 +11,9 @@ Symbol legend (arrays are ``[B, C]``: B sequences, C completion positions):
   ``old_it``   log π_old, the policy that produced the rollout (stored before the first update).
   ``ref_it``   log π_ref, the reference policy.
   ``A_i``      advantage of sequence i (broadcast over its tokens).
-  ``ρ_it``     ``exp(logp_it − old_it)``, the importance ratio.
+  ``ρ_it``     ``exp(logp_it − old_it)``, the token-level importance ratio.
+  ``s_i``      ``exp(Σ_t m_it (logp_it − old_it) / n_i)``, the sequence-level (GSPO) ratio.
+  ``w_it``     a rollout-correction weight (``training/rollout_correction.py``), 1 when off.
   ``ε_l, ε_h`` lower / upper clip range; ``β`` the KL weight.
 """
 
@@ -24,6 +26,8 @@ from jaxtyping import Array, Float
 
 Aggregation = Literal["seq_mean_token_mean", "token_mean", "constant_length"]
 AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "constant_length")
+RatioLevel = Literal["token", "sequence"]
+RATIO_LEVELS = ("token", "sequence")
 
 
 def clipped_surrogate(
@@ -32,18 +36,42 @@ def clipped_surrogate(
     advantages: Float[Array, " B"],
     epsilon_low: float,
     epsilon_high: float,
+    *,
+    level: RatioLevel = "token",
+    mask: Float[Array, "B C"] | None = None,
 ) -> tuple[Float[Array, "B C"], Float[Array, "B C"]]:
-    """PPO/GRPO clipped surrogate, per token.
+    """PPO/GRPO clipped surrogate, per token, with a token- or sequence-level ratio.
 
-    ``ℓ_it = −min(ρ_it·A_i, clip(ρ_it, 1−ε_l, 1+ε_h)·A_i)``. A token is *clipped* when the clipped
-    branch is the active one and differs from the unclipped one: ``ρ > 1+ε_h`` with ``A > 0``, or
-    ``ρ < 1−ε_l`` with ``A < 0`` (its gradient is then zero).
+    ``level="token"``: ``ℓ_it = −min(ρ_it·A_i, clip(ρ_it, 1−ε_l, 1+ε_h)·A_i)``.
+
+    ``level="sequence"`` (GSPO, Zheng et al. 2025): the ratio is the length-normalised sequence
+    likelihood ratio ``s_i`` (needs ``mask``), the same for every token of sequence i:
+    ``ℓ_it = −min(s_i·A_i, clip(s_i, 1−ε_l, 1+ε_h)·A_i)``, so a sequence is clipped (or not) as a
+    whole; ``∇s_i = s_i · Σ_t m_it ∇logp_it / n_i``. GSPO's clip ranges are ~1e3 times narrower than
+    the token-level ones (the paper: ε_l = 3e-4, ε_h = 4e-4).
+
+    A token is *clipped* when the clipped branch is the active one and differs from the unclipped one:
+    ratio ``> 1+ε_h`` with ``A > 0``, or ``< 1−ε_l`` with ``A < 0`` (its gradient is then zero).
 
     Returns:
       ``(ℓ[B,C], clipped[B,C] as 0/1 floats)``.
+
+    Raises:
+      ValueError: an unknown ``level``, or ``level="sequence"`` without ``mask``.
     """
     adv = advantages[:, None]
-    ratio = jnp.exp(logp - old_logp)
+    if level == "token":
+        ratio = jnp.exp(logp - old_logp)
+    elif level == "sequence":
+        if mask is None:
+            raise ValueError("sequence-level ratios need the completion mask")
+        n = jnp.maximum(mask.sum(axis=1, keepdims=True), 1.0)
+        log_s = ((logp - old_logp) * mask).sum(axis=1, keepdims=True) / n
+        ratio = jnp.broadcast_to(jnp.exp(log_s), logp.shape)
+    else:
+        raise ValueError(
+            f"unknown ratio level {level!r}; choose one of {RATIO_LEVELS} (--config.grpo.ratio_level)"
+        )
     unclipped = ratio * adv
     clipped = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high) * adv
     is_clipped = ((ratio > 1.0 + epsilon_high) & (adv > 0)) | ((ratio < 1.0 - epsilon_low) & (adv < 0))
@@ -96,16 +124,26 @@ def grpo_loss(
     beta: float,
     aggregation: Aggregation,
     constant_length: int,
+    ratio_level: RatioLevel = "token",
+    weights: Float[Array, "B C"] | None = None,
 ) -> tuple[Float[Array, ""], Float[Array, ""], dict[str, Float[Array, ""]]]:
-    """GRPO objective: ``ℓ_it + β·k3_it`` aggregated with ``aggregation``.
+    """GRPO objective: ``w_it·ℓ_it + β·k3_it`` aggregated with ``aggregation``.
 
     ``β = 0`` (or ``ref_logp is None``) drops the KL term; no reference log-probs are needed then.
+    ``ratio_level`` picks the token- or sequence-level (GSPO) ratio of ``clipped_surrogate``.
+    ``weights`` (constants, no gradient) scale the policy-gradient term per token: truncated importance
+    weights or a 0/1 mask of the sampler/trainer mismatch correction; ``None`` = all ones. They do not
+    change the denominators (a masked token still counts towards ``n_i``).
 
     Returns:
       ``(loss_sum, denominator, sums)`` where ``sums`` holds token sums for logging: ``clipped``,
       ``kl`` (0 when β = 0) and ``tokens`` (``Σ m``).
     """
-    per_token, clipped = clipped_surrogate(logp, old_logp, advantages, epsilon_low, epsilon_high)
+    per_token, clipped = clipped_surrogate(
+        logp, old_logp, advantages, epsilon_low, epsilon_high, level=ratio_level, mask=mask
+    )
+    if weights is not None:
+        per_token = per_token * weights
     kl = jnp.zeros_like(per_token)
     if beta != 0.0 and ref_logp is not None:
         kl = k3_kl(logp, ref_logp)

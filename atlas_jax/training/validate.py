@@ -11,6 +11,7 @@ from typing import Any
 import jax
 
 from atlas_jax.training.advantages import ADVANTAGE_MODES
+from atlas_jax.training.grpo_options import option_errors
 from atlas_jax.training.losses import AGGREGATIONS
 from atlas_jax.training.optimizer import SCHEDULES
 
@@ -74,6 +75,7 @@ def _grpo_errors(config: Any, shards: int) -> list[str]:
         e.append("--config.grpo.epsilon_low must be in [0, 1) and --config.grpo.epsilon_high >= 0")
     if g.beta < 0:
         e.append(f"--config.grpo.beta={g.beta} must be >= 0 (0 disables the reference)")
+    e.extend(option_errors(g, int(p.max_teaching_tokens)))
     for name in ("num_iterations", "num_steps", "logprob_chunk", "problems_per_step", "prompt_bucket"):
         if g[name] < 1:
             e.append(f"--config.grpo.{name} must be >= 1, got {g[name]}")
