@@ -27,7 +27,9 @@ def _median(records, key, skip):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True, help="a quickstart run folder with data/, student/hf, teacher_sft/hf")
+    ap.add_argument(
+        "--run", required=True, help="a quickstart run folder with data/, student/hf, teacher_sft/hf"
+    )
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--skip", type=int, default=3, help="first steps left out of the medians (compilation)")
     ap.add_argument("--staleness", default="0,1", help="comma-separated grpo.max_staleness values")
@@ -49,9 +51,7 @@ def main() -> None:
         c.logging.progress_bar = False
         folder = out / f"staleness_{k}"
         folder.mkdir(parents=True, exist_ok=True)
-        pipeline.train_teacher_rl(
-            c, folder, run / "data", run / "student" / "hf", run / "teacher_sft" / "hf"
-        )
+        pipeline.train_teacher_rl(c, folder, run / "data", run / "student" / "hf", run / "teacher_sft" / "hf")
         recs = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
         rows.append((
             k, _median(recs, "time/step", args.skip), _median(recs, "time/update", args.skip),
