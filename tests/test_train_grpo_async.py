@@ -75,5 +75,7 @@ def test_async_learner_sees_stale_logprobs_and_every_option_runs(tmp_path, folde
     assert mism[0] < 1e-4  # step 1 samples the initial weights, which the learner still has
     assert min(mism[1:]) > 1e-3, mism  # later rollouts come from the weights one update back
     for r in recs:
-        assert 0 <= r["dynamic/kept_fraction"] <= 1 and 1 <= r["dynamic/rounds"] <= 2  # random models: may tie
+        assert (
+            0 <= r["dynamic/kept_fraction"] <= 1 and 1 <= r["dynamic/rounds"] <= 2
+        )  # random models: may tie
         assert r["rollout_correction/weight_mean"] <= 1.5 and np.isfinite(r["loss"])
