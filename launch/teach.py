@@ -121,6 +121,8 @@ def teach_file(teacher: Any, student: Any, inp: Path, out: Path, fields: tuple[s
     """Teaches every input row not yet in ``out``; returns the run's summary (see the module docstring)."""
     from tqdm import tqdm
 
+    from atlas_jax.inference.teacher import ProblemError
+
     if not inp.is_file():
         raise FileNotFoundError(f"--input={inp} does not exist")
     done = read_done(out)
@@ -156,13 +158,13 @@ def teach_file(teacher: Any, student: Any, inp: Path, out: Path, fields: tuple[s
                     [c[1] for c in chunk], student, answer=answer, baseline=baseline, step=b
                 )
                 pairs = list(zip(chunk, results, strict=True))
-            except ValueError:  # a bad row in the batch (e.g. a prompt over the budget): find it
+            except ProblemError:  # a bad row in the batch (e.g. a prompt over the budget): find it
                 pairs = []
                 for line_no, item in chunk:
                     try:
                         [r] = teacher.teach([item], student, answer=answer, baseline=baseline, step=b)
                         pairs.append(((line_no, item), r))
-                    except ValueError as e:
+                    except ProblemError as e:
                         bad.append({"line": line_no, "error": str(e)})
                         print(f"[atlas-teach] {inp}:{line_no}: skipped: {e}", file=sys.stderr)
             rows = [_row(line_no, item, r) for (line_no, item), r in pairs]

@@ -390,6 +390,7 @@ def test_atlas_teach_resumes_and_skips_bad_rows(cli_servers, tmp_path):
     lines = [
         {"prompt": "2+3", "ground_truth": "5"}, "this is not json", {"prompt": "4+1", "ground_truth": 5, "id": "x"},
         {"question": "3+3"}, {"prompt": "3+3", "ground_truth": "6"}, "", {"prompt": "1+1"},
+        {"prompt": "1+" * 3000 + "1", "ground_truth": "3001"},  # over protocol.max_prompt_tokens
     ]  # fmt: skip
     inp.write_text("".join((json.dumps(r) if isinstance(r, dict) else r) + "\n" for r in lines))
 
@@ -407,7 +408,8 @@ def test_atlas_teach_resumes_and_skips_bad_rows(cli_servers, tmp_path):
     assert f"{inp}:4: skipped: field 'prompt' missing" in second.stderr
     summary = json.loads(second.stdout.strip().splitlines()[-1])
     assert summary["skipped_done"] == 2 and summary["written"] == 2
-    assert [b["line"] for b in summary["bad_rows"]] == [2, 4]
+    assert [b["line"] for b in summary["bad_rows"]] == [2, 4, 8]
+    assert f"{inp}:8: skipped: teacher prompt of problem 'line8'" in second.stderr
     rows = rows_of(out)
     assert [r["line"] for r in rows] == [1, 3, 5, 7] and [r["id"] for r in rows][1] == "x"
     assert [r["correct"] for r in rows] == [True, True, True, None]

@@ -10,6 +10,14 @@ be), ``inference/server.py`` (``POST /v1/teach`` and the teacher+student OpenAI 
 """
 
 from atlas_jax.inference.students import CallableStudent, StudentError, as_engine
-from atlas_jax.inference.teacher import AdaptiveTeacher, TeachResult, as_problem
+from atlas_jax.inference.teacher import AdaptiveTeacher, ProblemError, TeachResult, as_problem
 
-__all__ = ["AdaptiveTeacher", "CallableStudent", "StudentError", "TeachResult", "as_engine", "as_problem"]
+__all__ = [
+    "AdaptiveTeacher",
+    "CallableStudent",
+    "ProblemError",
+    "StudentError",
+    "TeachResult",
+    "as_engine",
+    "as_problem",
+]

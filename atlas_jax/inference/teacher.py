@@ -31,6 +31,13 @@ from atlas_jax.protocol.rollout import _PHASE_BASELINE, _PHASE_TAUGHT, _PHASE_TE
 from atlas_jax.protocol.teaching import extract_teaching
 
 
+class ProblemError(ValueError):
+    """One problem cannot be taught (no text, or its teacher prompt is over the budget); names the problem.
+
+    ``atlas-teach`` reports and skips the row; any other error stops the run.
+    """
+
+
 @dataclasses.dataclass
 class TeachResult:
     """What the teacher did for one problem (and, if asked, what the student then answered).
@@ -91,7 +98,7 @@ def as_problem(item: str | Problem | Mapping[str, Any], index: int = 0) -> Probl
         answer = next((str(item[k]) for k in ("answer", "ground_truth") if item.get(k) is not None), "")
         pid = item.get("id")
     if not isinstance(text, str) or not text.strip():
-        raise ValueError(
+        raise ProblemError(
             f"problem {index}: no problem text (give a string or a dict with 'question'/'prompt')"
         )
     return Problem(id=str(pid) if pid is not None else f"p{index}", question=text, answer=answer)
@@ -194,7 +201,9 @@ class AdaptiveTeacher:
           student_kwargs: more ``as_engine`` arguments when ``student`` is not an engine yet.
 
         Raises:
-          ValueError: a problem without text, or a teacher prompt longer than ``max_prompt_tokens``.
+          ProblemError: a problem without text, or a teacher prompt over ``max_prompt_tokens`` even with the
+            probe cut (``TwoPassRollout.teacher_prompts`` cuts long probes to fit).
+          ValueError: bad arguments (probes of the wrong length, no student).
           StudentError, engines.openai_client.APIError, engines.server_client.ServerError: a remote
             student failed after its retries.
         """
@@ -251,7 +260,13 @@ class AdaptiveTeacher:
         seconds["probe"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        prompts = rollout.teacher_prompts(problems, probes)
+        prompts: list[tuple[str, list[int]]] = []
+        for i, p in enumerate(problems):  # one by one, so an over-long prompt names its problem
+            try:
+                [prompt], [probes[i]] = rollout.teacher_prompts([p], [probes[i]])  # a long probe gets cut
+            except ValueError as e:
+                raise ProblemError(str(e)) from e
+            prompts.append(prompt)
         params = SamplingParams(temperature=self.temperature, top_p=self.top_p, max_tokens=s.max_teaching_tokens,
                                 seed=rollout._seed(step, _PHASE_TEACHER))  # fmt: skip
         teacher_out = [group[0] for group in self.teacher.generate([ids for _, ids in prompts], params, n=1)]
