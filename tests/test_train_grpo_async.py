@@ -10,7 +10,8 @@ import json
 
 import numpy as np
 import pytest
-from protocol_helpers import SAMPLES, make_model, make_tokenizer
+from protocol_helpers import SAMPLES
+from run_helpers import model_folders
 
 from configs.base import get_config
 from launch.train import train
@@ -18,14 +19,7 @@ from launch.train import train
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    tok = make_tokenizer()
-    out = {}
-    for name, seed in (("teacher", 0), ("student", 1)):
-        make_model(tok, seed).save_pretrained(root / name, safe_serialization=True)
-        tok.save_pretrained(root / name)
-        out[name] = str(root / name)
-    return out
+    return model_folders(tmp_path_factory.mktemp("models"))
 
 
 def _grpo(tmp_path, folders, **grpo):

@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+from run_helpers import model_folders
 
 from atlas_jax.training.sft import train_sft
 from atlas_jax.training.writers import read_metrics
@@ -79,16 +80,7 @@ def test_six_steps_equal_three_plus_resume_plus_three(tmp_path):
 
 @pytest.fixture(scope="module")
 def hf_folders(tmp_path_factory):
-    from protocol_helpers import make_model, make_tokenizer
-
-    root = tmp_path_factory.mktemp("models")
-    tok = make_tokenizer()
-    out = {}
-    for name, seed in (("teacher", 0), ("student", 1)):
-        make_model(tok, seed).save_pretrained(root / name, safe_serialization=True)
-        tok.save_pretrained(root / name)
-        out[name] = str(root / name)
-    return out
+    return model_folders(tmp_path_factory.mktemp("models"))
 
 
 def _rl_file(tmp_path):
