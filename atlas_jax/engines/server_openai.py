@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import StreamingResponse
@@ -40,15 +40,26 @@ class CompletionsRequest(BaseModel):
     logprobs: int | None = None
     stream: bool = False
     top_k: int = 0  # vLLM extension
-    stop_token_ids: list[int] = []  # vLLM extension
+    stop_token_ids: list[TokenId] = []  # vLLM extension
     return_tokens_as_token_ids: bool = False
+
+
+# Token ids as the engines take them (int32); anything else is a 422, not an overflow deep in the sampler.
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+
+
+class ChatMessage(BaseModel):
+    """One chat message: a role and its text (extra fields are ignored)."""
+
+    role: str
+    content: str
 
 
 class ChatRequest(BaseModel):
     """OpenAI ``/v1/chat/completions`` subset (extra fields are ignored)."""
 
     model: str | None = None
-    messages: list[dict[str, Any]]
+    messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     temperature: float = 1.0
@@ -59,7 +70,7 @@ class ChatRequest(BaseModel):
     logprobs: bool = False
     stream: bool = False
     top_k: int = 0  # vLLM extension
-    stop_token_ids: list[int] = []  # vLLM extension
+    stop_token_ids: list[TokenId] = []  # vLLM extension
     return_tokens_as_token_ids: bool = False
 
 
@@ -115,7 +126,7 @@ def add_openai_routes(
     def chat(req: ChatRequest) -> dict[str, Any] | StreamingResponse:
         try:
             prompt = engine.tokenizer.apply_chat_template(
-                req.messages, tokenize=False, add_generation_prompt=True
+                [m.model_dump() for m in req.messages], tokenize=False, add_generation_prompt=True
             )
         except Exception as e:  # jinja / template errors
             raise HTTPException(422, f"cannot apply the chat template to messages: {e}") from e
