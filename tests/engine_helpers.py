@@ -179,3 +179,25 @@ class ThreadServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def wait_healthy(proc, url: str, log, what: str, timeout: float = 600, poll_s: float = 1.0) -> None:
+    """Waits until ``url + "/health"`` answers 200; fails with the log's tail if ``proc`` exits or time runs out."""
+    import time
+
+    import httpx
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{what} was not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
+        time.sleep(poll_s)

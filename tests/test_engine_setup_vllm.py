@@ -10,12 +10,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
-from engine_helpers import HFReference, free_port, make_hf_dir
+from engine_helpers import HFReference, free_port, make_hf_dir, wait_healthy
 from rehearsal_setup import VLLM_CPU_SERVER_FLAGS
 
 from atlas_jax.engines.base import SamplingParams
@@ -77,19 +75,7 @@ def openai_server(hf_dir, tmp_path_factory):
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"api_server exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"api_server not healthy:\n{log.read_text()[-3000:]}")
-        time.sleep(1)
+    wait_healthy(proc, url, log, "api_server")
     yield url
     proc.terminate()
     try:

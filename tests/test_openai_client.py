@@ -9,13 +9,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from engine_helpers import HFReference, free_port, make_hf_dir
+from engine_helpers import HFReference, free_port, make_hf_dir, wait_healthy
 
 from atlas_jax.engines.base import SamplingParams
 from atlas_jax.engines.openai_client import APIError, OpenAIEngine
@@ -49,19 +48,7 @@ def server(tmp_path_factory):
             stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"launch.serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"launch.serve did not become healthy:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
+    wait_healthy(proc, url, log, "launch.serve", timeout=300, poll_s=0.5)
     yield url, HFReference(d), d
     proc.terminate()
     try:

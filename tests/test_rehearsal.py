@@ -26,10 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
-from engine_helpers import free_port
+from engine_helpers import free_port, wait_healthy
 from rehearsal_setup import (
     ENV,
     EVAL_FLAGS,
@@ -70,21 +69,6 @@ def _start_openai_server(model: Path, port: int, log: Path) -> subprocess.Popen:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
 
 
-def _wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"vLLM's OpenAI server exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"vLLM's OpenAI server was not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
-        time.sleep(1)
-
-
 @pytest.fixture(scope="module")
 def rehearsal():
     """Runs the whole rehearsal once; yields (root, {phase: seconds}).
@@ -120,7 +104,7 @@ def _rehearse(root: Path):
         times["eval"] = _run("launch.eval", "configs/run/teacher_rcl.py",
                              flags(RCL_FLAGS + EVAL_FLAGS, root=root), logs / "eval.log")  # fmt: skip
         t0 = time.perf_counter()
-        _wait_healthy(server, f"http://127.0.0.1:{port}", logs / "openai_server.log")
+        wait_healthy(server, f"http://127.0.0.1:{port}", logs / "openai_server.log", "vLLM's OpenAI server")
         times["openai_server_wait"] = time.perf_counter() - t0
         try:
             times["rcl_openai"] = _run("launch.train", "configs/run/teacher_rcl.py",
