@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -66,3 +67,21 @@ def test_weight_decay_only_on_matrices():
     new = optax.apply_updates(params, updates)
     np.testing.assert_allclose(new["w"], 1.0 - 0.1 * 0.5, rtol=1e-6)  # decoupled decay: p -= lr * wd * p
     np.testing.assert_array_equal(new["scale"], 1.0)
+
+
+def test_weight_decay_skips_stacked_norm_scales():
+    """Scanned layers stack a norm scale to ``[L, D]``: still a norm (not decayed); a stacked ``[L, D, F]`` is."""
+    tx, _ = optimizer.make_optimizer(
+        optimizer.OptimSpec(learning_rate=0.1, total_steps=3, weight_decay=0.5, max_grad_norm=0.0)
+    )
+    params = {
+        "layers/mlp/kernel": jnp.ones((2, 3, 4)),
+        "layers/norm/scale": jnp.ones((2, 3)),
+        "w": jnp.ones((3, 4)),
+    }
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_array_equal(new["layers/norm/scale"], 1.0)
+    np.testing.assert_allclose(new["layers/mlp/kernel"], 1.0 - 0.1 * 0.5, rtol=1e-6)
+    np.testing.assert_allclose(new["w"], 1.0 - 0.1 * 0.5, rtol=1e-6)

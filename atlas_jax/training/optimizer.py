@@ -89,8 +89,15 @@ def make_schedule(spec: OptimSpec) -> optax.Schedule:
     return optax.join_schedules([warm, after], [spec.warmup_steps])
 
 
+def _stacked_layer_param(path: tuple[Any, ...]) -> bool:
+    """The parameter carries a leading stacked-layer axis (``layers/...`` of the scanned decoder)."""
+    keys = [str(getattr(k, "key", "")) for k in path]
+    return any(k == "layers" or k.startswith("layers/") for k in keys)
+
+
 def _decay_mask(params: Any) -> Any:
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """True for matrices: ndim >= 2 per layer (a stacked ``layers/...`` tensor ``[L, ...]`` counts one less)."""
+    return jax.tree_util.tree_map_with_path(lambda path, p: p.ndim - _stacked_layer_param(path) >= 2, params)
 
 
 def make_optimizer(spec: OptimSpec) -> tuple[optax.GradientTransformation, optax.Schedule]:
