@@ -157,3 +157,66 @@ def test_restacking_errors_are_clear():
     old = _unstacked({k: np.asarray(v) for k, v in flatten(build_model(CFG)).items()})
     with pytest.raises(mapping.MappingError, match=r"per-layer layout.*stack_layers"):
         next(mapping.flat_to_hf(old, CFG))
+
+
+def test_training_resumes_from_a_per_layer_checkpoint_with_its_optimizer_state(tmp_path):
+    """A train checkpoint of the pre-scan layout (params *and* AdamW moments under ``layers/{i}/...``) resumes:
+    every moment lands restacked in the stacked template's sharding, equal to the stacked run's moments."""
+    import optax
+
+    from atlas_jax.models.sharding import make_mesh
+    from atlas_jax.training.checkpointing import TrainCheckpointer
+    from atlas_jax.training.optimizer import OptimSpec, make_optimizer
+
+    mesh = make_mesh((1, 2, 1), devices=jax.devices()[:2])
+    tx, _ = make_optimizer(OptimSpec(learning_rate=1e-2, total_steps=10, weight_decay=0.1))
+    stacked = {k: np.asarray(v) for k, v in flatten(build_model(CFG, seed=4)).items()}
+    rng = np.random.default_rng(1)
+    grads = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in stacked.items()}
+
+    def moments(params, g):  # two AdamW updates: non-zero, per-layer-distinct first and second moments
+        opt = tx.init(params)
+        for _ in range(2):
+            _, opt = tx.update(g, opt, params)
+        return opt
+
+    old_params = _unstacked(stacked)
+    old = train_step.TrainState(
+        step=jnp.asarray(7, jnp.int32),
+        params={k: jnp.asarray(v) for k, v in old_params.items()},
+        opt_state=moments(old_params, _unstacked(grads)),
+    )
+    directory = tmp_path / "checkpoints"
+    ck = TrainCheckpointer(directory, every_steps=1, keep=2, async_save=False)
+    ck.save(7, old, jax.random.key(3), data_position={"index": 7}, extra={"ref_params": old.params})
+    ck.wait()
+    ck.close()
+
+    params = {k: jax.device_put(v, s) for k, v, s in _with_shardings(stacked, mesh)}
+    template = train_step.init_state(tx, params, mesh)
+    ck = TrainCheckpointer(directory, every_steps=1, keep=2, async_save=False)
+    state, _, extra, meta = ck.restore(template, jax.random.key(0), extra={"ref_params": params})
+    ck.close()
+    assert meta["step"] == 7 and int(state.step) == 7
+    want = moments(stacked, grads)
+    got_leaves, got_def = jax.tree.flatten(state.opt_state)
+    want_leaves, want_def = jax.tree.flatten(want)
+    assert got_def == want_def
+    tmpl_leaves = jax.tree.leaves(template.opt_state)
+    for got, w, t in zip(got_leaves, want_leaves, tmpl_leaves, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(w), rtol=1e-6, atol=1e-12)
+        assert got.sharding.is_equivalent_to(t.sharding, got.ndim)
+    mu = optax.tree_utils.tree_get(state.opt_state, "mu")
+    assert mu["layers/mlp/down_proj/kernel"].shape[0] == CFG.num_layers
+    for tree in (state.params, extra["ref_params"]):
+        assert set(tree) == set(stacked)
+        for k, v in stacked.items():
+            np.testing.assert_array_equal(np.asarray(tree[k]), v, err_msg=k)
+            assert tree[k].sharding.is_equivalent_to(params[k].sharding, v.ndim)
+
+
+def _with_shardings(flat, mesh):
+    from atlas_jax.models.sharding import state_shardings
+
+    shardings = flatten(state_shardings(nnx.state(build_model(CFG), nnx.Param), mesh))
+    return [(k, v, shardings[k]) for k, v in flat.items()]

@@ -19,12 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
 
 from atlas_jax import distributed
 from atlas_jax.checkpoint import Checkpointer
 from atlas_jax.training.train_step import TrainState
+
+_LAYERS = "layers/"
 
 
 def _leaf_key(i: int) -> str:
@@ -102,27 +106,42 @@ class TrainCheckpointer:
           FileNotFoundError: no checkpoint in the directory.
           ValueError: the stored state does not match the template (a different model or optimiser).
         """
-        leaves, treedef = jax.tree.flatten(template.opt_state)
         extra = dict(extra or {})
-        shardings = {
-            "params": {k: v.sharding for k, v in template.params.items()},
-            "opt": {_leaf_key(i): x.sharding for i, x in enumerate(leaves)},
-            "step": template.step.sharding,
-            "rng": template.step.sharding,
-            **{k: jax.tree.map(lambda x: x.sharding, v) for k, v in extra.items()},
-        }
-        tree = self._restore_newest_readable(template, len(leaves), shardings)
+        tree, stored_template, _ = self._restore_newest_readable(template, extra)
+        leaves, treedef = jax.tree.flatten(stored_template.opt_state)
         opt = jax.tree.unflatten(treedef, [tree["opt"][_leaf_key(i)] for i in range(len(leaves))])
         state = TrainState(step=tree["step"], params=tree["params"], opt_state=opt)
+        restored_extra = {k: tree[k] for k in extra}
+        if stored_template is not template:  # pre-scan layout: stack layers/{i}/x into layers/x
+            names = set(template.params)
+            state = TrainState(
+                step=state.step,
+                params=_stacked(state.params, template.params),
+                opt_state=_map_param_dicts(
+                    state.opt_state,
+                    jax.tree.map(lambda x: x.sharding, template.opt_state),
+                    _stacked,
+                    names,
+                    _per_layer_names(template.params),
+                ),
+            )
+            restored_extra = {
+                k: _map_param_dicts(v, extra[k], _stacked, names, _per_layer_names(template.params))
+                for k, v in restored_extra.items()
+            }
         rng = jax.random.wrap_key_data(np.asarray(tree["rng"]), impl=jax.random.key_impl(rng_template))
         meta = self._ckpt.restore_meta()
-        return state, rng, {k: tree[k] for k in extra}, meta
+        return state, rng, restored_extra, meta
 
-    def _restore_newest_readable(self, template: TrainState, num_opt: int, shardings: dict) -> dict:
+    def _restore_newest_readable(
+        self, template: TrainState, extra: dict[str, Any]
+    ) -> tuple[dict, TrainState, dict[str, Any]]:
         """The newest complete step that matches ``template`` and reads; unreadable ones are quarantined.
 
         A step from another model (names/shapes differ) raises; a step whose files cannot be read
         (corrupted, truncated) is moved to ``quarantine/`` with a warning and the next older one is tried.
+        Returns the stored tree and the template (and extras) it was read with: ``template`` itself, or its
+        per-layer rewrite for a checkpoint of the pre-scan layout.
         """
         while (step := self._ckpt.latest_step()) is not None:
             try:
@@ -130,9 +149,26 @@ class TrainCheckpointer:
             except Exception as e:
                 self._set_aside(step, e)
                 continue
-            _check_matches(self.directory / str(step), template, num_opt, stored, set(shardings))
+            where = self.directory / str(step)
+            tmpl, ext = template, extra
+            if _is_per_layer(stored.get("params", {})) and not _is_per_layer(template.params):
+                logging.warning(
+                    "%s: checkpoint of the per-layer (pre-scan) layout layers/{i}/...; restacking params and "
+                    "optimiser state into layers/... [L, ...]",
+                    where,
+                )
+                tmpl, ext = _per_layer_template(template, extra, where)
+            leaves = jax.tree.leaves(tmpl.opt_state)
+            shardings = {
+                "params": {k: v.sharding for k, v in tmpl.params.items()},
+                "opt": {_leaf_key(i): x.sharding for i, x in enumerate(leaves)},
+                "step": tmpl.step.sharding,
+                "rng": tmpl.step.sharding,
+                **{k: jax.tree.map(lambda x: x.sharding, v) for k, v in ext.items()},
+            }
+            _check_matches(where, tmpl, len(leaves), stored, set(shardings))
             try:
-                return self._ckpt.restore(step, shardings=shardings)
+                return self._ckpt.restore(step, shardings=shardings), tmpl, ext
             except Exception as e:
                 self._set_aside(step, e)
         raise FileNotFoundError(f"{self.directory}: no readable checkpoint step left (see quarantine/)")
@@ -178,3 +214,97 @@ def _check_matches(where: Path, template: TrainState, num_opt: int, stored: dict
             f"{where}: checkpoint from another optimiser: {len(stored.get('opt', {}))} state leaves, this run "
             f"{num_opt} ({hint})"
         )
+
+
+# ------------------------------------------------------------------ checkpoints of the pre-scan (per-layer) layout
+def _is_per_layer(params: Mapping[str, Any]) -> bool:
+    return any(k.startswith(_LAYERS) and k[len(_LAYERS) :].split("/", 1)[0].isdigit() for k in params)
+
+
+def _per_layer_names(params: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Stacked name -> its per-layer names: ``layers/x`` ([L, ...]) -> ``[layers/0/x, ..., layers/{L-1}/x]``."""
+    out = {}
+    for k, v in params.items():
+        if k.startswith(_LAYERS):
+            rest = k[len(_LAYERS) :]
+            out[k] = [f"{_LAYERS}{i}/{rest}" for i in range(int(v.shape[0]))]
+    return out
+
+
+def _layer_sharding(sharding: Any, ndim: int) -> Any:
+    """The sharding of one layer ``x[i]`` of a stacked array laid out with ``sharding`` (the layer axis dropped)."""
+    if isinstance(sharding, NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+        return NamedSharding(sharding.mesh, PartitionSpec(*spec[1:]))
+    return sharding  # single-device / replicated shardings fit any shape
+
+
+def _unstacked_abstract(d: Mapping[str, Any], per_layer: dict[str, list[str]]) -> dict[str, Any]:
+    """Abstract per-layer entries (ShapeDtypeStruct with the layer sharding) for a dict of stacked leaves."""
+    out: dict[str, Any] = {}
+    for k, x in d.items():
+        if k not in per_layer or not hasattr(x, "shape"):
+            out.update({k: x} if k not in per_layer else dict.fromkeys(per_layer[k], x))
+            continue
+        sds = jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=_layer_sharding(x.sharding, len(x.shape)))
+        out.update(dict.fromkeys(per_layer[k], sds))
+    return out
+
+
+def _stacked(d: Mapping[str, Any], target: Mapping[str, Any]) -> dict[str, Any]:
+    """``target``'s keys from per-layer ``d``: ``layers/x`` = stack of ``d[layers/{i}/x]`` in ``target[layers/x]``'s
+    sharding (``target`` leaves: arrays or shardings); other keys are taken from ``d`` as they are."""
+    out = {}
+    for name, tgt in target.items():
+        if not name.startswith(_LAYERS):
+            out[name] = d[name]
+            continue
+        rest = name[len(_LAYERS) :]
+        parts = []
+        while (key := f"{_LAYERS}{len(parts)}/{rest}") in d:
+            parts.append(d[key])
+        if not parts or not hasattr(parts[0], "shape"):  # e.g. optax.MaskedNode: no array to stack
+            out[name] = parts[0] if parts else d[name]
+            continue
+        sharding = tgt if isinstance(tgt, jax.sharding.Sharding) else tgt.sharding
+        out[name] = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)(*parts)
+    return out
+
+
+def _map_param_dicts(tree: Any, like: Any, fn, names: set[str], per_layer: dict[str, list[str]]) -> Any:
+    """Applies ``fn(per_layer_dict, stacked_like_dict)`` to each per-layer param dict of ``tree``.
+
+    ``like`` is the stacked-layout tree (leaves: arrays or shardings) whose param-shaped dicts (keys = ``names``)
+    give the targets; ``tree`` has the same structure with those dicts in the per-layer layout.
+    """
+    old_names = set(_unstacked_abstract(dict.fromkeys(names), per_layer))
+    is_old = lambda x: isinstance(x, dict) and set(x) == old_names  # noqa: E731
+    is_new = lambda x: isinstance(x, dict) and set(x) == names  # noqa: E731
+    olds = jax.tree.leaves(tree, is_leaf=is_old)
+    news = jax.tree.leaves(like, is_leaf=is_new)
+    treedef = jax.tree.structure(like, is_leaf=is_new)
+    done = [fn(o, n) if is_old(o) else o for o, n in zip(olds, news, strict=True)]
+    return jax.tree.unflatten(treedef, done)
+
+
+def _per_layer_template(
+    template: TrainState, extra: dict[str, Any], where: Path
+) -> tuple[TrainState, dict[str, Any]]:
+    """``template`` (and param-shaped extras) rewritten into the per-layer layout: what the old run saved."""
+    names = set(template.params)
+    per_layer = _per_layer_names(template.params)
+    if not per_layer:
+        raise ValueError(
+            f"{where}: checkpoint of the per-layer layout layers/{{i}}/..., but this model has no stacked layers/ "
+            "params (another model config; use a new --config.output_dir)"
+        )
+    is_new = lambda x: isinstance(x, dict) and set(x) == names  # noqa: E731
+
+    def rewrite(tree: Any) -> Any:
+        return jax.tree.map(
+            lambda x: _unstacked_abstract(x, per_layer) if is_new(x) else x, tree, is_leaf=is_new
+        )
+
+    params = _unstacked_abstract(template.params, per_layer)
+    state = TrainState(step=template.step, params=params, opt_state=rewrite(template.opt_state))
+    return state, {k: rewrite(v) for k, v in extra.items()}
