@@ -10,10 +10,13 @@ Jobs (each is *our* program, built by the same functions training uses, on abstr
   - grpo:   the GRPO update of ``configs/run/teacher_rcl.py``: ``problems_per_step × num_generations`` rows of
             ``max_prompt_tokens + max_teaching_tokens``, plus the reference-log-prob scoring pass (beta > 0);
             the reference parameters (an fp32 copy) are counted as resident memory.
-  - sample: the JAX sampler's prefill of ``problems_per_step`` prompts (× G samples) and its decode loop
-            (``jax_sampler.compiled_programs``), cache sized for prompt + teaching budget.
+  - sample: what ``JaxSampler.generate`` runs in the GRPO loop: the rollout copy (``engine.jax_rollout_copy``:
+            compute-dtype matrices laid out by ``DECODE_RULES``, built from the fp32 FSDP master), then the prefill
+            of ``problems_per_step`` prompts (× G samples, rows padded to the mesh) and the decode loop from that
+            copy (``jax_sampler.compiled_programs``), cache sized for the prompt + teaching buckets.
 Per program it prints per-device bytes (arguments, outputs, aliased, temporaries, peak = args + out - alias +
-temp), XLA's FLOP count (a scan/while body is counted once), the model FLOPs per step (6·N·tokens for training,
+temp, and *resident*: what the run holds meanwhile that is not an argument, e.g. the reference params during the
+GRPO update, the train state during reference scoring and sampling), XLA's FLOP count (a scan/while body is counted once), the model FLOPs per step (6·N·tokens for training,
 2·N·tokens forward), compile seconds, and whether peak (+ resident extras) fits ``margin × HBM`` of the chip.
 TPU compiles fail when HBM is exceeded (reported as not fitting); GPU compile-only builds succeed at any size.
 
@@ -37,6 +40,10 @@ from typing import Any
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only: never initialise an accelerator client
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+# libtpu takes /tmp/libtpu_lockfile for the process that loads it; any other process with libtpu importable (a
+# training run, a test) then makes TPU compiles fail with "Internal error when accessing libtpu multi-process
+# lockfile". Compile-only use touches no chip, so several processes may load it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 GIB = 1024**3
 
@@ -152,6 +159,7 @@ class Program:
     kernels: dict[str, int] = dataclasses.field(
         default_factory=dict
     )  # custom-call target -> count in the HLO
+    resident: int = 0  # bytes per device held by the run while this program runs, not among its arguments
 
     @property
     def peak(self) -> int:
@@ -251,7 +259,6 @@ def _train_programs(config, cfg, mesh, job: str, micro_batch: int | None) -> tup
     state = train_step.TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), params=params, opt_state=opt
     )
-    extra: dict[str, Any] = {}
     programs = []
     if job == "sft":
         from atlas_jax.training.sft import sft_loss_fn
@@ -301,70 +308,109 @@ def _train_programs(config, cfg, mesh, job: str, micro_batch: int | None) -> tup
             score = train_step.make_score_fn(
                 graphdef, rest, logprobs, num_micro=rows // micro, mesh=mesh, param_shardings=shardings.params
             )
-            programs.append(
-                _program("grpo_ref_logprobs", score.lower(params, batch), 2.0 * n_params * tokens)
-            )
-            extra["ref_params"] = _per_device_bytes(params)
+            ref = _program("grpo_ref_logprobs", score.lower(params, batch), 2.0 * n_params * tokens)
+            ref.resident = _per_device_bytes(
+                state
+            )  # the policy's train state (the reference is the argument)
+            programs.append(ref)
     if rows % micro:
         raise ValueError(f"{rows} rows do not split into micro-batches of {micro} (--micro_batch)")
     step = train_step.make_train_step(
         graphdef, rest, tx, loss_fn, num_micro=rows // micro, mesh=mesh, shardings=shardings
     )
-    programs.insert(0, _program(f"{job}_step", step.lower(state, batch), 6.0 * n_params * tokens))
+    main = _program(f"{job}_step", step.lower(state, batch), 6.0 * n_params * tokens)
+    if job == "grpo" and spec.beta > 0:
+        main.resident = _per_device_bytes(params)  # the reference parameters (fp32, laid out like the policy)
+    programs.insert(0, main)
     info = {"rows": rows, "length": length, "micro_batch": micro, "params": n_params}
-    return programs, sum(extra.values()), info
+    return programs, info
 
 
-def _sample_programs(config, cfg, mesh) -> tuple[list[Program], int, dict]:
+def _sample_programs(config, cfg, mesh) -> tuple[list[Program], dict]:
+    """The sampler as the GRPO run drives it: the rollout copy (``engine.jax_rollout_copy``: floating matrices in
+    ``cfg.dtype``, laid out by ``jax_sampler.DECODE_RULES``) built from the fp32 FSDP master by one program, then
+    prefill + decode from that copy, with the row padding and prompt/length buckets of ``JaxSampler.generate``.
+    Resident meanwhile: the train state (master params + optimiser state) and the reference params (beta > 0)."""
     import jax
     import jax.numpy as jnp
+    from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from atlas_jax.engines.jax_sampler import compiled_programs
+    from atlas_jax.engines import jax_sampler
     from atlas_jax.engines.sampling import Strategy
-    from atlas_jax.training.train_step import batch_sharding
-
-    graphdef, _, flat = _abstract_policy(cfg, mesh)
     from atlas_jax.models import params as params_lib
+    from atlas_jax.models.decoder import Decoder
+    from atlas_jax.models.sharding import state_shardings
+    from atlas_jax.training import train_step
+    from atlas_jax.training.optimizer import make_optimizer, spec_from_config
 
-    params = params_lib.unflatten(flat)
-    from flax import nnx
-
-    abstract = nnx.eval_shape(lambda: nnx.merge(graphdef, nnx.State(params)))
-    state = nnx.state(abstract)
-    nnx.replace_by_pure_dict(state, params)
-    n_params = sum(math.prod(v.shape) for v in flat.values())
+    with jax.set_mesh(mesh):
+        abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params_state = nnx.split(abstract)
+    master_sh = state_shardings(params_state, mesh)
+    master = jax.tree.map(_sds, params_state, master_sh)
+    copy_from_master = bool(config.engine.get("jax_rollout_copy", True))
+    flat_master = {k: v for k, v in params_lib.flatten(master).items() if hasattr(v, "shape")}
+    n_params = sum(math.prod(v.shape) for k, v in flat_master.items() if k in _param_keys(abstract))
+    programs: list[Program] = []
+    if copy_from_master:
+        copy_sh = jax_sampler.rollout_shardings(params_state, mesh)
+        cast = jax_sampler._to_dtype(jnp.dtype(cfg.dtype))
+        copy_fn = jax.jit(lambda s: jax.tree.map(cast, s), out_shardings=copy_sh)
+        with jax.set_mesh(mesh):
+            programs.append(_program("rollout_copy", copy_fn.lower(master), 0.0))
+            weights = jax.tree.map(_sds, jax.eval_shape(copy_fn, master), copy_sh)
+    else:
+        weights = master
     prompts, g = int(config.grpo.problems_per_step), int(config.grpo.num_generations)
-    tp = int(config.protocol.max_prompt_tokens)
-    m = int(config.protocol.max_teaching_tokens)
-    tp, m = -(-tp // 16) * 16, -(-m // 16) * 16
+    bp = jax_sampler.bucket(prompts, 1)
+    tp = jax_sampler.bucket(int(config.protocol.max_prompt_tokens), int(config.engine.jax_prompt_bucket))
+    m = jax_sampler.bucket(int(config.protocol.max_teaching_tokens), 16)
     sizes = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
-    rows_sh = batch_sharding(mesh) if prompts % (sizes["data"] * sizes["fsdp"]) == 0 else None
+    row_multiple = sizes["data"] * sizes["fsdp"]
+    rows_sh = train_step.batch_sharding(mesh) if bp % row_multiple == 0 else None
     rep = NamedSharding(mesh, PartitionSpec())
     sd = lambda shape, dtype, sh=None: jax.ShapeDtypeStruct(shape, dtype, sharding=sh or rep)  # noqa: E731
-    progs = compiled_programs(graphdef, mesh)
+    progs = jax_sampler.compiled_programs(graphdef, mesh)
     strategy = Strategy.from_params(float(config.grpo.temperature), 1.0, 0)
     with jax.set_mesh(mesh):
         args = (
-            state, sd((prompts, tp), jnp.int32, rows_sh), sd((prompts, tp), jnp.int32, rows_sh),
-            sd((prompts,), jnp.bool_, rows_sh), sd((), jnp.uint32), sd((), jnp.int32), sd((8,), jnp.int32),
+            weights, sd((bp, tp), jnp.int32, rows_sh), sd((bp, tp), jnp.int32, rows_sh),
+            sd((bp,), jnp.bool_, rows_sh), sd((), jnp.uint32), sd((), jnp.int32), sd((8,), jnp.int32),
             sd((), jnp.uint32),
         )  # fmt: skip
-        kw = {"n": g, "cache_len": tp + m, "max_new": m, "strategy": strategy}
+        kw = {"n": g, "cache_len": tp + m, "max_new": m, "strategy": strategy, "row_multiple": row_multiple}
         prefill = progs.prefill.lower(*args, **kw)
-        pre = _program("sample_prefill", prefill, 2.0 * n_params * prompts * tp)
+        programs.append(_program("sample_prefill", prefill, 2.0 * n_params * bp * tp))
         out_shapes = jax.eval_shape(lambda *a: progs.prefill(*a, **kw), *args)
         compiled = prefill.compile()
         st = jax.tree.map(_sds, out_shapes, compiled.output_shardings)
         decode = progs.decode.lower(
-            state, st, sd((), jnp.int32), sd((), jnp.int32), sd((8,), jnp.int32), strategy=strategy
+            weights, st, sd((), jnp.int32), sd((), jnp.int32), sd((8,), jnp.int32), strategy=strategy
         )
-        dec = _program("sample_decode", decode, 2.0 * n_params * prompts * g * m)
-    return (
-        [pre, dec],
-        0,
-        {"rows": prompts * g, "length": tp + m, "micro_batch": prompts * g, "params": n_params},
-    )
+        rows = st.tokens.shape[0]
+        programs.append(_program("sample_decode", decode, 2.0 * n_params * rows * m))
+    # Resident during the rollout: the train state (master params + AdamW moments) and the reference params.
+    tx, _ = make_optimizer(spec_from_config(config.optim, 1e-5, 100))
+    flat_params = {k: v for k, v in flat_master.items() if k in _param_keys(abstract)}
+    opt_abs = jax.eval_shape(tx.init, flat_params)
+    opt_sh = train_step.state_shardings(tx, flat_params, mesh).opt_state
+    master_b = _per_device_bytes(flat_params)
+    opt_b = _per_device_bytes(jax.tree.map(_sds, opt_abs, opt_sh))
+    ref_b = master_b if float(config.grpo.beta) > 0 else 0
+    for p in programs:  # rollout_copy and (without the copy) prefill/decode take the master as an argument
+        takes_master = p.name == "rollout_copy" or not copy_from_master
+        p.resident = opt_b + ref_b + (0 if takes_master else master_b)
+    info = {"rows": rows, "length": tp + m, "micro_batch": rows, "params": n_params}
+    return programs, info
+
+
+def _param_keys(abstract) -> set[str]:
+    from flax import nnx
+
+    from atlas_jax.models import params as params_lib
+
+    return set(params_lib.flatten(nnx.state(abstract, nnx.Param)))
 
 
 def plan(
@@ -423,12 +469,10 @@ def plan(
         scan_layers=scan_layers,
     )
     if job in ("sft", "grpo"):
-        programs, resident, info = _train_programs(config, cfg, mesh, job, micro_batch)
-    elif job == "sample":
-        programs, resident, info = _sample_programs(config, cfg, mesh)
+        programs, info = _train_programs(config, cfg, mesh, job, micro_batch)
     else:
-        raise ValueError(f"--job={job!r}: expected sft, grpo or sample")
-    worst = max(p.peak for p in programs) + resident
+        programs, info = _sample_programs(config, cfg, mesh)
+    worst = max(p.peak + p.resident for p in programs)
     report = {
         "preset": preset,
         "topology": topology_name,
@@ -442,7 +486,7 @@ def plan(
         "jax": jax.__version__,
         **info,
         "programs": [dataclasses.asdict(p) | {"peak": p.peak} for p in programs],
-        "resident_extra_bytes": resident,
+        "resident_extra_bytes": max(p.resident for p in programs),
         "peak_bytes": worst,
         "hbm_gib": topo.hbm_gib,
         "margin": margin,
@@ -463,7 +507,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"{r['preset']} {r['job']} on {r['topology']} ({r['devices']} x {r['platform']}, {r['hbm_gib']} GiB each), "
         f"mesh {tuple(r['mesh'])}, remat {r['remat']}, attention {r['attention']}, scan {r['scan_layers']}, "
         f"{r['rows']} rows x {r['length']} tokens, micro-batch {r['micro_batch']}, {r['params'] / 1e9:.2f}B params",
-        f"{'program':<20}{'args GiB':>9}{'out':>8}{'alias':>8}{'temp':>8}{'peak':>8}{'TFLOP/step':>12}"
+        f"{'program':<20}{'args GiB':>9}{'out':>8}{'alias':>8}{'temp':>8}{'peak':>8}{'+resid.':>8}{'TFLOP/step':>12}"
         f"{'XLA TFLOP':>10}{'compile s':>10}",
     ]
     for p in r["programs"]:
@@ -473,16 +517,11 @@ def format_report(r: dict[str, Any]) -> str:
         xla = "-" if p["xla_flops"] is None else f"{p['xla_flops'] / 1e12:.1f}"
         lines.append(
             f"{p['name']:<20}{g(p['args'])}{g(p['out'])}{g(p['alias'])}{g(p['temp'])}{g(p['peak'])}"
-            f"{p['model_flops'] / 1e12:12.1f}{xla:>10}{p['compile_s']:10.1f}"
+            f"{g(p.get('resident', 0))}{p['model_flops'] / 1e12:12.1f}{xla:>10}{p['compile_s']:10.1f}"
         )
-    extra = (
-        f" + {r['resident_extra_bytes'] / GIB:.2f} GiB resident (reference params)"
-        if r["resident_extra_bytes"]
-        else ""
-    )
     verdict = "FITS" if r["fits"] else "DOES NOT FIT"
     lines.append(
-        f"peak per device {r['peak_bytes'] / GIB:.2f} GiB{extra}; limit {r['margin']:.0%} of {r['hbm_gib']} GiB = "
+        f"peak per device {r['peak_bytes'] / GIB:.2f} GiB (worst program peak + resident); limit {r['margin']:.0%} of {r['hbm_gib']} GiB = "
         f"{r['margin'] * r['hbm_gib']:.1f} GiB -> {verdict}"
     )
     return "\n".join(lines)

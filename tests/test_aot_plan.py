@@ -47,11 +47,37 @@ def test_cpu_plan_stays_under_the_memory_bound(job):
     assert report["devices"] == 8 and report["mesh"] == [1, 8, 1]
     assert report["programs"] and all(not p["error"] for p in report["programs"])
     for p in report["programs"]:
-        assert p["peak"] > 0 and p["model_flops"] > 0
+        assert p["peak"] > 0 and (p["model_flops"] > 0 or p["name"] == "rollout_copy")
         assert p["peak"] <= BOUND_MIB * 2**20, f"{p['name']}: {p['peak'] / 2**20:.1f} MiB > {BOUND_MIB} MiB"
     assert report["fits"]
     text = aot_plan.format_report(report)
     assert "FITS" in text and report["programs"][0]["name"] in text
+
+
+@pytest.mark.slow
+def test_sample_plan_decodes_from_the_compute_dtype_rollout_copy():
+    """The sampler is lowered as the GRPO run drives it: a copy program (fp32 FSDP master -> bf16 matrices laid out
+    by DECODE_RULES, i.e. replicated over fsdp on this (1, 8, 1) mesh), then prefill/decode taking that copy."""
+    import math
+
+    from flax import nnx
+
+    from atlas_jax.models import flatten
+    from atlas_jax.models.params import abstract_model
+    from atlas_jax.models.presets import get_preset
+
+    report = _cpu_report("sample")
+    names = [p["name"] for p in report["programs"]]
+    assert names == ["rollout_copy", "sample_prefill", "sample_decode"]
+    copy, _, decode = report["programs"]
+    params = flatten(nnx.state(abstract_model(get_preset("tiny_qwen3")), nnx.Param)).values()
+    bf16_replicated = sum(math.prod(x.shape) * (2 if x.ndim >= 2 else 4) for x in params)
+    fp32_fsdp = sum(math.prod(x.shape) * 4 for x in params)
+    assert bf16_replicated - 4096 <= copy["out"] <= bf16_replicated + 4096  # (+ the RNG state, replicated)
+    assert copy["args"] < fp32_fsdp / 2  # the master is FSDP-sharded over 8 devices
+    assert decode["args"] >= bf16_replicated  # the copy (+ the decode state) is what decode takes
+    assert all(p["resident"] > 0 for p in report["programs"])  # the optimizer state (+ master, ref) meanwhile
+    assert report["peak_bytes"] == max(p["peak"] + p["resident"] for p in report["programs"])
 
 
 @pytest.mark.slow
