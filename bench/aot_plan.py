@@ -17,7 +17,8 @@ Jobs (each is *our* program, built by the same functions training uses, on abstr
 Per program it prints per-device bytes (arguments, outputs, aliased, temporaries, peak = args + out - alias +
 temp, and *resident*: what the run holds meanwhile that is not an argument, e.g. the reference params during the
 GRPO update, the train state during reference scoring and sampling), XLA's FLOP count (a scan/while body is counted once), the model FLOPs per step (6·N·tokens for training,
-2·N·tokens forward), compile seconds, and whether peak (+ resident extras) fits ``margin × HBM`` of the chip.
+2·N·tokens forward), compile seconds (wall, and CPU seconds of all threads: the comparable number when the
+machine is shared), and whether peak (+ resident extras) fits ``margin × HBM`` of the chip.
 TPU compiles fail when HBM is exceeded (reported as not fitting); GPU compile-only builds succeed at any size.
 
 ``--topology cpu-N`` compiles for the local CPU devices (tests; set XLA_FLAGS for N fake devices) with
@@ -160,6 +161,7 @@ class Program:
         default_factory=dict
     )  # custom-call target -> count in the HLO
     resident: int = 0  # bytes per device held by the run while this program runs, not among its arguments
+    compile_cpu_s: float = 0.0  # CPU seconds of the compile (all threads): comparable on a loaded machine
 
     @property
     def peak(self) -> int:
@@ -167,13 +169,14 @@ class Program:
 
 
 def _program(name: str, lowered, model_flops: float) -> Program:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         compiled = lowered.compile()
     except Exception as e:  # TPU: RESOURCE_EXHAUSTED when the program does not fit the HBM
         msg = str(e).splitlines()[0][:300]
-        return Program(name, 0, 0, 0, 0, 0, None, model_flops, time.perf_counter() - t0, error=msg)
-    dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        return Program(name, 0, 0, 0, 0, 0, None, model_flops, dt, error=msg, compile_cpu_s=cpu)
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     mem = compiled.memory_analysis()
     try:
         cost = compiled.cost_analysis()
@@ -195,6 +198,7 @@ def _program(name: str, lowered, model_flops: float) -> Program:
         model_flops,
         dt,
         kernels=kernels,
+        compile_cpu_s=cpu,
     )
 
 
@@ -508,7 +512,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"mesh {tuple(r['mesh'])}, remat {r['remat']}, attention {r['attention']}, scan {r['scan_layers']}, "
         f"{r['rows']} rows x {r['length']} tokens, micro-batch {r['micro_batch']}, {r['params'] / 1e9:.2f}B params",
         f"{'program':<20}{'args GiB':>9}{'out':>8}{'alias':>8}{'temp':>8}{'peak':>8}{'+resid.':>8}{'TFLOP/step':>12}"
-        f"{'XLA TFLOP':>10}{'compile s':>10}",
+        f"{'XLA TFLOP':>10}{'compile s':>10}{'(CPU s)':>9}",
     ]
     for p in r["programs"]:
         if p["error"]:
@@ -517,7 +521,7 @@ def format_report(r: dict[str, Any]) -> str:
         xla = "-" if p["xla_flops"] is None else f"{p['xla_flops'] / 1e12:.1f}"
         lines.append(
             f"{p['name']:<20}{g(p['args'])}{g(p['out'])}{g(p['alias'])}{g(p['temp'])}{g(p['peak'])}"
-            f"{g(p.get('resident', 0))}{p['model_flops'] / 1e12:12.1f}{xla:>10}{p['compile_s']:10.1f}"
+            f"{g(p.get('resident', 0))}{p['model_flops'] / 1e12:12.1f}{xla:>10}{p['compile_s']:10.1f}{p.get('compile_cpu_s', 0):9.1f}"
         )
     verdict = "FITS" if r["fits"] else "DOES NOT FIT"
     lines.append(
