@@ -32,6 +32,8 @@ import numpy as np
 from bench import _setup
 
 PROMPTS, GENERATIONS, TOKENS = 8, 8, 128
+MICRO_BATCH = 16  # rows per forward/backward (4 accumulated micro-batches: XLA:CPU dots are faster)
+DESIGN_PEERS = {"TRL defaults": 524, "TRL best effort (vLLM colocate, patched)": 915}
 
 TRL_SCRIPT = textwrap.dedent(
     """
@@ -41,8 +43,10 @@ TRL_SCRIPT = textwrap.dedent(
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    hf_dir, out_dir, steps, tokens, gens, prompts = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), json.loads(sys.argv[6])
+    hf_dir, steps, tokens, gens, prompts, threads, out_dir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5]), int(sys.argv[6]), sys.argv[7]
     torch.manual_seed(0)
+    if threads:
+        torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(hf_dir)
     tok.pad_token = tok.pad_token or tok.eos_token
     ds = Dataset.from_dict({"prompt": prompts * (steps + 1)})
@@ -50,14 +54,19 @@ TRL_SCRIPT = textwrap.dedent(
     def reward(completions, **kw):
         return [float(torch.rand(())) for _ in completions]
 
-    times = []
+    times, cpus, lengths = [], [], []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            self.t = time.perf_counter()
+            self.t, self.c = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.t)
+            cpus.append(time.process_time() - self.c)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "completions/min_length" in logs:
+                lengths.append([logs["completions/min_length"], logs["completions/max_length"]])
 
     cfg = GRPOConfig(
         output_dir=out_dir, per_device_train_batch_size=len(prompts) * gens, num_generations=gens,
@@ -67,7 +76,85 @@ TRL_SCRIPT = textwrap.dedent(
     )
     trainer = GRPOTrainer(model=hf_dir, reward_funcs=reward, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
     trainer.train()
-    print("TRL_TIMES " + json.dumps(times))
+    print("PEER_TIMES " + json.dumps({"step": times, "cpu": cpus, "lengths": lengths}))
+    """
+)
+
+
+# Tunix 0.1.7: its own Qwen2 model loaded from the same HF folder, its vanilla sampler, GRPOLearner (beta 0);
+# a global step (rollout + advantages + update) is timed around GRPOLearner._run_global_step.
+TUNIX_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from grain import python as grain
+    from transformers import AutoTokenizer
+    from tunix.models.qwen2 import model as qwen2_model, params as qwen2_params
+    from tunix.rl import rl_cluster as rlc
+    from tunix.rl.grpo import grpo_learner
+    from tunix.rl.rollout import base_rollout
+
+    hf_dir, steps, tokens, gens, prompts, threads, out_dir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5]), int(sys.argv[6]), sys.argv[7]
+    hf = json.load(open(f"{hf_dir}/config.json"))
+    cfg = qwen2_model.ModelConfig(
+        num_layers=hf["num_hidden_layers"], vocab_size=hf["vocab_size"], embed_dim=hf["hidden_size"],
+        hidden_dim=hf["intermediate_size"], num_heads=hf["num_attention_heads"], head_dim=hf["head_dim"],
+        num_kv_heads=hf["num_key_value_heads"], rope_theta=int(hf["rope_parameters"]["rope_theta"]),
+        norm_eps=hf["rms_norm_eps"], use_tied_embedding=hf["tie_word_embeddings"],
+        dtype=jnp.bfloat16, param_dtype=jnp.float32,
+    )
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tp"))  # Auto axes
+    with mesh:
+        model = qwen2_params.create_model_from_safe_tensors(hf_dir, cfg, mesh)
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    # EOS = id vocab_size, which the model cannot sample: the sampler stops at `tokens` and the loss mask
+    # (cut at the tokenizer's EOS) keeps every completion token, as TRL's min_new_tokens does.
+    tok.add_tokens([f"<x{i}>" for i in range(len(tok), hf["vocab_size"])])
+    tok.add_special_tokens({"eos_token": "<never>", "pad_token": "<unk>"})
+    never = tok.eos_token_id
+    assert never == hf["vocab_size"], never
+
+    rng = np.random.default_rng(0)
+
+    def reward(prompts, completions, **kw):
+        return [float(x) for x in rng.random(len(completions))]
+
+    cluster = rlc.ClusterConfig(
+        role_to_mesh={rlc.Role.ACTOR: mesh, rlc.Role.REFERENCE: mesh, rlc.Role.ROLLOUT: mesh},
+        rollout_engine="vanilla", offload_to_cpu=False,
+        training_config=rlc.RLTrainingConfig(
+            actor_optimizer=optax.adamw(1e-6), eval_every_n_steps=10**9, max_steps=steps + 1,
+        ),
+        rollout_config=base_rollout.RolloutConfig(
+            max_tokens_to_generate=tokens, max_prompt_length=16, kv_cache_size=16 + tokens + 16,
+            temperature=1.0, top_p=1.0, top_k=None, eos_tokens=[never],
+        ),
+    )
+    rl = rlc.RLCluster(actor=model, reference=None, tokenizer=tok, cluster_config=cluster)
+    learner = grpo_learner.GRPOLearner(
+        rl_cluster=rl, algo_config=grpo_learner.GRPOConfig(num_generations=gens, num_iterations=1, beta=0.0),
+        reward_fns=reward,
+    )
+    times, cpus, lengths = [], [], []
+    inner_step, inner_rollout = learner._run_global_step, learner._generate_and_compute_advantage
+
+    def timed(*a, **k):  # one global step: rollout + advantages + log-probs + update
+        t, c = time.perf_counter(), time.process_time()
+        out = inner_step(*a, **k)
+        times.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
+        return out
+
+    def rollout(*a, **k):  # the completion tokens the loss sees (mask up to the tokenizer's EOS)
+        ex = inner_rollout(*a, **k)
+        n = np.asarray(ex.completion_mask).sum(axis=1)
+        lengths.append([float(n.min()), float(n.max()), int(n.sum())])
+        return ex
+
+    learner._run_global_step, learner._generate_and_compute_advantage = timed, rollout
+    ds = grain.MapDataset.source(prompts * (steps + 1)).batch(len(prompts)).map(lambda x: {"prompts": x})
+    learner.train(ds)
+    print("PEER_TIMES " + json.dumps({"step": times, "cpu": cpus, "lengths": lengths}))
     """
 )
 
@@ -84,8 +171,14 @@ def text_prompts(n: int) -> list[str]:
     return [f"benchmark line {i} says" for i in range(n)]  # 4-6 tokens of the bench tokenizer
 
 
-def ours(hf_dir: Path, cfg, prompts: list[str], steps: int, out_dir: Path) -> list[float]:
-    """Seconds per GRPO step (rollout + batch + update), warm-up step excluded."""
+def ours(
+    hf_dir: Path, prompts: list[str], steps: int, out_dir: Path, *, remat: bool = True
+) -> list[dict[str, float]]:
+    """Per timed step (warm-up excluded): wall seconds of each phase and of the whole step, and process CPU-s.
+
+    Phases: ``generate`` (weight hand-over + rollout copy + prefill + decode, tokens on the host),
+    ``batch`` (advantages + padded learner arrays) and ``update`` (forward + backward + AdamW, blocked on).
+    """
     import jax
 
     from atlas_jax.engines.base import SamplingParams
@@ -98,11 +191,11 @@ def ours(hf_dir: Path, cfg, prompts: list[str], steps: int, out_dir: Path) -> li
     c = base.get_config()
     c.output_dir = str(out_dir)
     c.model.teacher = str(hf_dir)
-    c.model.dtype, c.model.param_dtype = "bfloat16", "float32"
+    c.model.compute_dtype, c.model.param_dtype, c.model.remat = "bfloat16", "float32", remat
     c.mesh.shape = (1, -1, 1)
     c.checkpoint.async_save = False
     c.grpo.update(beta=0.0, num_generations=GENERATIONS, problems_per_step=len(prompts), num_iterations=1,
-                  micro_batch_size=len(prompts) * GENERATIONS, temperature=1.0)  # fmt: skip
+                  micro_batch_size=MICRO_BATCH, temperature=1.0, prompt_bucket=16)  # fmt: skip
     c.protocol.max_teaching_tokens = TOKENS
     policy = make_policy(c, learning_rate=1e-6, total_steps=steps + 1)
     learner = GRPOLearner(policy, GRPOSpec.from_config(c))
@@ -114,82 +207,173 @@ def ours(hf_dir: Path, cfg, prompts: list[str], steps: int, out_dir: Path) -> li
         ignore_eos=True,
     )
     rng = np.random.default_rng(0)
-    times = []
+    out = []
     for step in range(steps + 1):
-        t = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         engine.update_weights(policy.params)
-        out = engine.generate(
+        res = engine.generate(
             prompts, SamplingParams(temperature=1.0, max_tokens=TOKENS, seed=step), n=GENERATIONS
         )
-        comps = [x for group in out for x in group]
-        assert all(len(x.token_ids) == TOKENS for x in comps)
+        comps = [x for group in res for x in group]
+        check_workload(prompts, [[x.token_ids for x in g] for g in res])
+        t1 = time.perf_counter()
         rewards = rng.random((len(prompts), GENERATIONS)).astype(np.float32)
         batch = learner.build_batch(
             [x.prompt_ids for x in comps], [x.token_ids for x in comps], [x.logprobs for x in comps], rewards
         )
+        t2 = time.perf_counter()
         jax.block_until_ready(learner.update(batch, step))
-        times.append(time.perf_counter() - t)
-    return times[1:]
+        t3 = time.perf_counter()
+        phases = {"generate": t1 - t0, "batch": t2 - t1, "update": t3 - t2}
+        out.append({**phases, "step": t3 - t0, "cpu": time.process_time() - c0})
+    return out[1:]
+
+
+def check_workload(prompts: list[str], completions: list[list[list[int]]]) -> int:
+    """Completion tokens of one step after checking the workload: P prompts x G samples x exactly T tokens.
+
+    Raises:
+      AssertionError: naming the prompt/sample whose shape is off.
+    """
+    assert len(completions) == len(prompts) == PROMPTS, (len(completions), len(prompts))
+    for i, group in enumerate(completions):
+        assert len(group) == GENERATIONS, f"prompt {i}: {len(group)} samples, expected {GENERATIONS}"
+        for j, toks in enumerate(group):
+            assert len(toks) == TOKENS, f"prompt {i} sample {j}: {len(toks)} tokens, expected {TOKENS}"
+    return PROMPTS * GENERATIONS * TOKENS
 
 
 def ensure_trl(venv: Path) -> Path:
+    """``venv``'s python, creating the venv (``torch==2.13.0 trl==1.16.0``) when it does not exist."""
     python = venv / "bin" / "python"
     if not python.exists():
         subprocess.run(["python3.11", "-m", "venv", str(venv)], check=True)
-        pip = [str(venv / "bin" / "pip"), "install", "-q"]
-        subprocess.run([*pip, "torch==2.13.0"], check=True)
-        subprocess.run([*pip, "trl==1.16.0", "transformers<5.20", "accelerate", "datasets"], check=True)
+        subprocess.run(
+            [str(venv / "bin" / "pip"), "install", "-q", "torch==2.13.0", "trl==1.16.0"], check=True
+        )
     return python
 
 
-def trl(python: Path, hf_dir: Path, prompts: list[str], steps: int, out_dir: Path) -> list[float]:
-    script = out_dir / "trl_grpo.py"
-    script.write_text(TRL_SCRIPT)
+def peer_env(threads: int) -> dict[str, str]:
+    """Environment of a peer subprocess: offline, and ``threads`` intra-op threads (0: the library default)."""
     env = {
         **os.environ,
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
     }
-    cmd = [
-        str(python),
-        str(script),
-        str(hf_dir),
-        str(out_dir / "trl"),
-        str(steps),
-        str(TOKENS),
-        str(GENERATIONS),
-    ]
-    proc = subprocess.run([*cmd, json.dumps(prompts)], capture_output=True, text=True, env=env)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("TRL_TIMES ")]
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), XLA_FLAGS=xla_flags(threads))
+    return env
+
+
+def xla_flags(threads: int) -> str:
+    one = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    return " ".join(x for x in (os.environ.get("XLA_FLAGS", ""), one if threads == 1 else "") if x)
+
+
+def run_peer(name: str, python: Path, script: str, args: list[str], threads: int) -> list[dict[str, float]]:
+    """Runs ``script`` (printing ``PEER_TIMES {"step": [...], "cpu": [...]}``); timed steps, the first one dropped."""
+    proc = subprocess.run(
+        [str(python), "-c", script, *args], capture_output=True, text=True, env=peer_env(threads)
+    )
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("PEER_TIMES ")]
     if proc.returncode or not lines:
-        raise RuntimeError(f"TRL run failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1].split(" ", 1)[1])[1:]  # the first step compiles nothing but warms caches
+        raise RuntimeError(f"{name} run failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    res = json.loads(lines[-1].split(" ", 1)[1])
+    for lo, hi, *_ in res.get("lengths", []):  # the peer's own min/max completion length per step
+        assert lo == hi == TOKENS, f"{name}: completion lengths {lo}-{hi}, expected exactly {TOKENS}"
+    steps = [{"step": t, "cpu": c} for t, c in zip(res["step"], res["cpu"], strict=True)]
+    return steps[1:]  # the first step warms caches (TRL) or compiles (Tunix)
+
+
+def load() -> str:
+    return "load " + "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def table(res: dict[str, list[dict[str, float]]], tokens: int) -> list[str]:
+    """Rows: completion tok/s (best, worst), tok per CPU-s (best), ours' phase split; then the ratios."""
+    lines = [f"{'':>6} | tok/s best | tok/s worst | tok/CPU-s | step s (each)"]
+    for name, steps in res.items():
+        ts, cs = [x["step"] for x in steps], [x["cpu"] for x in steps]
+        each = ", ".join(f"{t:.1f}" for t in ts)
+        lines.append(
+            f"{name:>6} | {tokens / min(ts):10.0f} | {tokens / max(ts):11.0f} | {tokens / min(cs):9.0f} | {each}"
+        )
+    if "ours" in res:
+        ph = {k: np.median([x[k] for x in res["ours"]]) for k in ("generate", "batch", "update")}
+        lines.append("  ours phases (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()))
+        ours_ts = [x["step"] for x in res["ours"]]
+        ours_cs = [x["cpu"] for x in res["ours"]]
+        for peer in [p for p in res if p != "ours"]:
+            pts, pcs = [x["step"] for x in res[peer]], [x["cpu"] for x in res[peer]]
+            best, low, high = min(pts) / min(ours_ts), min(pts) / max(ours_ts), max(pts) / min(ours_ts)
+            lines.append(
+                f"ours / {peer}: {best:.2f}x wall (best/best; spread {low:.2f}-{high:.2f}x), "
+                f"{min(pcs) / min(ours_cs):.2f}x per CPU-s"
+            )
+        best_ours = tokens / min(ours_ts)
+        for peer, ref in DESIGN_PEERS.items():
+            lines.append(f"ours / {peer} (DESIGN.md {ref} tok/s, quiet machine): {best_ours / ref:.2f}x")
+    return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per framework (after one warm-up)")
-    ap.add_argument("--peers", default="trl")
-    ap.add_argument("--trl_venv", default="/work/venv-i14-trl")
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per framework (after one warm-up)")
+    ap.add_argument("--peers", default="trl", help="comma list of trl, tunix; 'none' runs ours only")
+    ap.add_argument("--only_peers", action="store_true", help="skip ours (a peer run of its own)")
+    ap.add_argument("--remat", type=int, default=0, help="ours: rematerialise layers (TRL's default does)")
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads everywhere (0: library default)")
+    ap.add_argument("--trl_venv", default="/tmp/venv-trl")
+    ap.add_argument("--tunix_venv", default="/tmp/venv-tunix")
+    ap.add_argument("--json", default="", help="also write the per-step results here")
+    ap.add_argument(
+        "--merge", nargs="+", default=[], help="print one table from saved --json files, run nothing"
+    )
     args = ap.parse_args()
     tokens = PROMPTS * GENERATIONS * TOKENS
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_dir, cfg, _ = peer_model(Path(tmp) / "model")
-        prompts = text_prompts(PROMPTS)
-        res = {"ours": ours(hf_dir, cfg, prompts, args.steps, Path(tmp) / "ours")}
-        print(f" ours: steps {[round(t, 2) for t in res['ours']]} s", flush=True)
-        if "trl" in args.peers:
-            res["trl"] = trl(ensure_trl(Path(args.trl_venv)), hf_dir, prompts, args.steps, Path(tmp))
-            print(f"  trl: steps {[round(t, 2) for t in res['trl']]} s", flush=True)
-    for name, ts in res.items():
-        print(f"{name:>5}: {tokens / min(ts):7.0f} completion tok/s best, {tokens / max(ts):7.0f} worst")
-    for peer in [p for p in res if p != "ours"]:
-        best = min(res[peer]) / min(res["ours"])
-        low, high = min(res[peer]) / max(res["ours"]), max(res[peer]) / min(res["ours"])
+    if args.merge:
+        saved = [json.loads(Path(f).read_text()) for f in args.merge]
         print(
-            f"ours / {peer}: {best:.2f}x (best/best; spread {low:.2f}-{high:.2f}x; target >= 2x TRL defaults)"
+            "merged runs: " + "; ".join(f"{f}: {s['args']}" for f, s in zip(args.merge, saved, strict=True))
         )
+        print("\n".join(table({k: v for s in saved for k, v in s["results"].items()}, tokens)))
+        return
+    if args.threads:
+        os.environ["XLA_FLAGS"] = xla_flags(args.threads)  # before jax is imported (in ours)
+    peers = [p for p in args.peers.split(",") if p and p != "none"]
+    res: dict[str, list[dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir, _, _ = peer_model(Path(tmp) / "model")
+        prompts = text_prompts(PROMPTS)
+        common = [
+            str(hf_dir),
+            str(args.steps),
+            str(TOKENS),
+            str(GENERATIONS),
+            json.dumps(prompts),
+            str(args.threads),
+        ]
+        if not args.only_peers:
+            print(f"ours: {load()}", flush=True)
+            res["ours"] = ours(hf_dir, prompts, args.steps, Path(tmp) / "ours", remat=bool(args.remat))
+            print(f"ours done: {load()}", flush=True)
+        if "trl" in peers:
+            python = ensure_trl(Path(args.trl_venv))
+            res["trl"] = run_peer("trl", python, TRL_SCRIPT, [*common, str(Path(tmp) / "trl")], args.threads)
+            print(f"trl done: {load()}", flush=True)
+        if "tunix" in peers:
+            python = Path(args.tunix_venv) / "bin" / "python"
+            res["tunix"] = run_peer(
+                "tunix", python, TUNIX_SCRIPT, [*common, str(Path(tmp) / "tunix")], args.threads
+            )
+            print(f"tunix done: {load()}", flush=True)
+    print(f"GRPO step, {PROMPTS} prompts x {GENERATIONS} generations x {TOKENS} tokens, beta 0, bf16, "
+          f"threads {args.threads or 'default'}, remat {bool(args.remat)}")  # fmt: skip
+    print("\n".join(table(res, tokens)))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "load": load(), "results": res}, indent=1))
 
 
 if __name__ == "__main__":
