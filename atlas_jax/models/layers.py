@@ -153,7 +153,7 @@ class Attention(nnx.Module):
     """Grouped-query self-attention with optional q/k/v bias and q/k RMSNorm, optionally writing into a KV cache.
 
     Without a cache the T tokens attend causally to each other within equal segment ids (`attention`). With a
-    cache, their keys/values are written into layer ``layer`` of the stacked ``[L,B,S,K,H]`` buffers at slots
+    cache, their keys/values are written into layer ``layer`` of the stacked buffers (`KVCache` layout) at slots
     [index, index+T) (in place under jit); a prefill of an empty cache attends over the new tokens only, any
     other call over the filled cache slots (``slot_mask`` already includes the new tokens).
     """
@@ -195,7 +195,7 @@ class Attention(nnx.Module):
         layer: Int[Array, ""] | int | None = 0,
     ) -> tuple[Float[Array, "b t d"], tuple[Array, Array] | None]:
         """Returns ``(output [B,T,D], kv)``; ``kv`` = the ``(k, v)`` cache buffers, updated (or None): stacked
-        ``[L,B,S,K,H]`` with ``layer`` its index, or this layer's own ``[B,S,K,H]`` with ``layer=None``."""
+        (`KVCache` layout) with ``layer`` its index, or this layer's own buffers with ``layer=None``."""
         q_btnh = self._project(x_btd, self.q_proj)
         k_btkh = self._project(x_btd, self.k_proj)
         v_btkh = self._project(x_btd, self.v_proj)
@@ -206,24 +206,40 @@ class Attention(nnx.Module):
         if kv is not None:
             k_all, v_all = kv
             zero = jnp.zeros((), jnp.int32)
-            if layer is None:  # this layer's own [B, S, K, H] buffers (per-layer cache layout)
-                start = (zero, ctx.index.astype(jnp.int32), zero, zero)
-                k_new, v_new = k_btkh, v_btkh
-            else:  # stacked [L, B, S, K, H] buffers: write layer ``layer``'s slice
-                start = (jnp.asarray(layer, jnp.int32), zero, ctx.index.astype(jnp.int32), zero, zero)
-                k_new, v_new = k_btkh[None], v_btkh[None]
-            k_all = jax.lax.dynamic_update_slice(k_all, k_new.astype(k_all.dtype), start)
-            v_all = jax.lax.dynamic_update_slice(v_all, v_new.astype(v_all.dtype), start)
+            k_new, v_new = k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 3, 1)  # [B,K,T,H], [B,K,H,T]
+            idx = ctx.index.astype(jnp.int32)
+            k_start, v_start = (zero, zero, idx, zero), (zero, zero, zero, idx)
+            if layer is not None:  # stacked buffers: write layer ``layer``'s slice
+                lay = jnp.asarray(layer, jnp.int32)
+                k_start, v_start = (lay, *k_start), (lay, *v_start)
+                k_new, v_new = k_new[None], v_new[None]
+            k_all, v_all = write_slots(k_all, k_new, k_start), write_slots(v_all, v_new, v_start)
             kv = (k_all, v_all)
         if kv is None or ctx.prefill:
             out_btnh = attention.self_attention(q_btnh, k_btkh, v_btkh, ctx.segment_bt, **kw)
         elif layer is None:
             out_btnh = attention.cached_attention(q_btnh, kv[0], kv[1], ctx.slot_mask_bs, ctx.index, **kw)
         else:
-            k_bskh = jax.lax.dynamic_index_in_dim(kv[0], layer, axis=0, keepdims=False)
-            v_bskh = jax.lax.dynamic_index_in_dim(kv[1], layer, axis=0, keepdims=False)
-            out_btnh = attention.cached_attention(q_btnh, k_bskh, v_bskh, ctx.slot_mask_bs, ctx.index, **kw)
+            k_bksh = jax.lax.dynamic_index_in_dim(kv[0], layer, axis=0, keepdims=False)
+            v_bkhs = jax.lax.dynamic_index_in_dim(kv[1], layer, axis=0, keepdims=False)
+            out_btnh = attention.cached_attention(q_btnh, k_bksh, v_bkhs, ctx.slot_mask_bs, ctx.index, **kw)
         return einsum("btnh,nhd->btd", out_btnh, self.o_proj.kernel.get_value(), self.dtype), kv
+
+
+def write_slots(buf: Array, new: Array, start: tuple[Array, ...]) -> Array:
+    """``dynamic_update_slice(buf, new, start)`` in ``buf``'s dtype, in place under jit for 16-bit floats too.
+
+    XLA:CPU has no bf16 ``dynamic-update-slice``: it rewrites one as convert-to-f32, update, convert back,
+    which copies the whole cache buffer at every layer of every decode step. The same bits updated as
+    ``uint16`` (a free bitcast either way) stay in place.
+    """
+    new = new.astype(buf.dtype)
+    if buf.dtype.itemsize != 2 or not jnp.issubdtype(buf.dtype, jnp.floating):
+        return jax.lax.dynamic_update_slice(buf, new, start)
+    bits = jax.lax.dynamic_update_slice(
+        jax.lax.bitcast_convert_type(buf, jnp.uint16), jax.lax.bitcast_convert_type(new, jnp.uint16), start
+    )
+    return jax.lax.bitcast_convert_type(bits, buf.dtype)
 
 
 class AttentionContext(NamedTuple):
