@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +40,54 @@ def sample() -> dict[str, float]:
     }
 
 
+SAMPLE_PROBLEMS = Path(__file__).resolve().parents[1] / "atlas_jax/data/samples/rl_sample.jsonl"
+TINY = dict(model_type="qwen3", vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+            num_kv_heads=1, head_dim=16, qk_norm=True, tie_word_embeddings=True)  # fmt: skip
+
+
+def tiny_grpo_config(
+    out: Path,
+    steps: int,
+    *,
+    model: dict | None = None,
+    generations: int = 2,
+    completion_tokens: int = 8,
+    problems: int = 2,
+) -> Any:
+    """The soak's run config: random teacher and student of shape ``model`` (default `TINY`) written under
+    ``out``, the sample problems, ``problems`` × ``generations`` teacher samples of up to
+    ``completion_tokens`` teaching tokens per step (probe and student answers 8 tokens), β 0.04 with an
+    EMA reference, an eval every 50 steps, async checkpoints every 10 (keep 3)."""
+    from bench._setup import bench_model, bench_tokenizer
+    from configs.base import get_config
+
+    shape = model or TINY
+    teacher, _, _ = bench_model(out / "teacher", seed=0, **shape)
+    student, _, _ = bench_model(out / "student", seed=1, **shape)
+    bench_tokenizer().save_pretrained(teacher)
+    bench_tokenizer().save_pretrained(student)
+
+    c = get_config()
+    c.job, c.output_dir = "grpo", str(out / "run")
+    c.model.teacher, c.model.student = str(teacher), str(student)
+    c.model.compute_dtype, c.model.remat = "float32", False
+    c.mesh.shape = (1, -1, 1)
+    c.data.rl_path = str(SAMPLE_PROBLEMS)
+    g = c.grpo
+    g.num_steps, g.problems_per_step, g.num_generations = steps, problems, generations
+    g.micro_batch_size = min(4, problems * generations)
+    g.learning_rate, g.beta, g.ref_update, g.ref_sync_steps = 1e-3, 0.04, "ema", 1
+    p = c.protocol
+    p.max_probe_tokens = p.max_student_tokens = 8
+    p.max_teaching_tokens = completion_tokens
+    p.num_baseline_samples = p.num_student_samples = 1
+    c.eval.every_steps, c.eval.num_problems = 50, 2
+    c.checkpoint.every_steps, c.checkpoint.keep, c.checkpoint.async_save = 10, 3, True
+    c.checkpoint.resume = False
+    c.logging.progress_bar = False
+    return c
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=200)
@@ -52,33 +101,10 @@ def main() -> None:
     from atlas_jax.training.grpo import GRPOLearner
     from atlas_jax.training.grpo_loop import train_grpo
     from atlas_jax.training.runtime import make_policy
-    from bench._setup import bench_model, bench_tokenizer
-    from configs.base import get_config
 
     out = Path(args.out)
-    tiny = dict(model_type="qwen3", vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=1,
-                num_heads=2, num_kv_heads=1, head_dim=16, qk_norm=True, tie_word_embeddings=True)  # fmt: skip
-    teacher, _, _ = bench_model(out / "teacher", seed=0, **tiny)
-    student, _, _ = bench_model(out / "student", seed=1, **tiny)
-    bench_tokenizer().save_pretrained(teacher)
-    bench_tokenizer().save_pretrained(student)
-
-    c = get_config()
-    c.job, c.output_dir = "grpo", str(out / "run")
-    c.model.teacher, c.model.student = str(teacher), str(student)
-    c.model.compute_dtype, c.model.remat = "float32", False
-    c.mesh.shape = (1, -1, 1)
-    c.data.rl_path = str(Path(__file__).resolve().parents[1] / "atlas_jax/data/samples/rl_sample.jsonl")
+    c = tiny_grpo_config(out, args.steps)
     g = c.grpo
-    g.num_steps, g.problems_per_step, g.num_generations, g.micro_batch_size = args.steps, 2, 2, 4
-    g.learning_rate, g.beta, g.ref_update, g.ref_sync_steps = 1e-3, 0.04, "ema", 1
-    p = c.protocol
-    p.max_probe_tokens = p.max_teaching_tokens = p.max_student_tokens = 8
-    p.num_baseline_samples = p.num_student_samples = 1
-    c.eval.every_steps, c.eval.num_problems = 50, 2
-    c.checkpoint.every_steps, c.checkpoint.keep, c.checkpoint.async_save = 10, 3, True
-    c.checkpoint.resume = False
-    c.logging.progress_bar = False
 
     rows: list[dict] = []
 
@@ -133,6 +159,18 @@ def main() -> None:
     for k in keys:
         slope = np.polyfit(xs, np.array([r[k] for r in half], float), 1)[0]
         print(f"growth of {k} over steps {int(xs[0])}-{int(xs[-1])}: {slope:+.4f} per step")
+    if (
+        args.steps >= 20
+    ):  # issue 14's check: memory after the warm-up (step 10) vs the last step, and the slope
+        a, b = per_step[9], per_step[args.steps - 1]
+        tail = per_step[9 : args.steps]
+        xs = np.array([r["step"] for r in tail], float)
+        for k in ("rss_mb", "peak_rss_mb"):
+            slope = np.polyfit(xs, np.array([r[k] for r in tail], float), 1)[0]
+            print(
+                f"{k}: step 10 {a[k]:.0f} MB, step {args.steps} {b[k]:.0f} MB ({b[k] - a[k]:+.0f} MB); "
+                f"least-squares slope over steps 10-{args.steps}: {slope:+.3f} MB/step"
+            )
 
 
 if __name__ == "__main__":
