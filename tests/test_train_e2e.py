@@ -13,7 +13,7 @@ REQUIRED_GRPO_METRICS = (
     "reward_mean", "reward_std", "lr", "ndr", "les", "acc_with_teaching", "acc_without_teaching",
     "completion_with_teaching", "teaching_tokens_mean", "probe_tokens_mean", "kl", "clip_frac", "grad_norm",
     "loss", "entropy", "logprob_mismatch_abs", "logprob_mismatch_kl", "time/weight_push", "time/rollout",
-    "time/gen_teacher", "time/gen_probe", "time/gen_taught", "time/gen_baseline", "time/scoring", "time/update", "time/step", "teacher_tokens_per_s",
+    "time/gen_teacher", "time/gen_probe", "time/gen_taught", "time/gen_baseline", "time/scoring", "time/update", "time/update_batch", "time/update_logprobs", "time/update_train", "time/step", "teacher_tokens_per_s",
 )  # fmt: skip
 
 
@@ -66,6 +66,9 @@ def test_sft_job_then_grpo_job_from_its_checkpoint(tmp_path, folders):
     missing = [k for k in REQUIRED_GRPO_METRICS if k not in records[-1]]
     assert not missing, missing
     assert "eval/ndr" in records[-1] and records[0]["logprob_mismatch_abs"] < 1e-3
+    for r in records:  # the update's parts add up to it; β > 0, so the reference scoring pass ran
+        parts = r["time/update_batch"] + r["time/update_logprobs"] + r["time/update_train"]
+        assert parts == pytest.approx(r["time/update"], rel=1e-6) and r["time/update_logprobs"] > 0
     samples = [json.loads(x) for x in (tmp_path / "grpo/run/samples/step_2.jsonl").read_text().splitlines()]
     assert samples and {"problem", "probe", "teaching", "student_answers", "reward"} <= set(samples[0])
     assert (tmp_path / "grpo/run/checkpoints/2").is_dir()

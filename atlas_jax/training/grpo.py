@@ -22,6 +22,7 @@ sampler used (the mismatch is numerics); with asynchronous ones it also holds th
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -138,6 +139,7 @@ class GRPOLearner:
         self._shardings = train_step.state_shardings(policy.tx, policy.params, policy.mesh)
         self._steps: dict[int, Any] = {}
         self._score: dict[int, Any] = {}
+        self.logprob_seconds = 0.0  # the last update's reference/old log-prob scoring (``update``)
         if spec.beta > 0 and "ref_params" not in policy.extra:
             policy.extra["ref_params"] = copy_params(policy.params)
         self._ema = jax.jit(
@@ -212,14 +214,22 @@ class GRPOLearner:
         return out
 
     def update(self, batch: dict[str, np.ndarray], rollout_step: int) -> dict[str, jax.Array]:
-        """μ optimiser updates on one rollout batch; returns device metrics (fetch them later)."""
+        """μ optimiser updates on one rollout batch; returns device metrics (fetch them later).
+
+        ``logprob_seconds`` is then the time of the forward-only scoring passes before the updates (the
+        reference log-probs when β > 0, the old-policy ones when μ > 1; 0 with neither).
+        """
         p, spec = self.policy, self.spec
         n = self._num_micro(len(batch["advantages"]))
         dev = jax.device_put(batch, train_step.batch_sharding(p.mesh))
+        t0 = time.perf_counter()
         if spec.beta > 0:
             dev["ref_logprobs"] = self._score_fn(n)(p.extra["ref_params"], dev)
         if spec.num_iterations > 1:
             dev["old_logprobs"] = self._score_fn(n)(p.params, dev)
+        if spec.beta > 0 or spec.num_iterations > 1:  # wait, so the scoring passes are timed on their own
+            jax.block_until_ready([dev.get("ref_logprobs"), dev.get("old_logprobs")])
+        self.logprob_seconds = time.perf_counter() - t0
         step = self._step_fn(n)
         per_iter = []
         for _ in range(spec.num_iterations):

@@ -4,7 +4,9 @@
 with its own engines); ``run_grpo(config)`` builds data, policy and engines from the config first.
 Per step the timings of each phase are logged (``time/weight_push``; ``time/rollout`` and inside it
 ``time/gen_baseline``, ``time/gen_probe``, ``time/gen_teacher``, ``time/gen_taught``, ``time/scoring``;
-``time/update``, ``time/checkpoint``; ``time/rollout_wait`` is how long the loop waited for the rollout:
+``time/update`` and inside it ``time/update_batch`` (host: advantages and learner arrays),
+``time/update_logprobs`` (the reference / old-policy scoring passes) and ``time/update_train`` (the optimiser
+steps); ``time/checkpoint``; ``time/rollout_wait`` is how long the loop waited for the rollout:
 all of it on-policy, only what did not overlap the previous update with ``grpo.max_staleness`` > 0),
 the rollout scheduling (``training/rollout_source.py``: ``dynamic/*``, ``async/staleness``), plus every
 rollout metric
@@ -154,8 +156,9 @@ def train_grpo(
         phases["async/staleness"] = float(step - sr.weights_step)
         episodes = batch.episodes
         with timer("update"):
-            # this host's rows of the global batch (the kept groups with dynamic sampling)
-            arrays = hosts.learner_batch(learner, sr.batch, mask_truncated=bool(g.mask_truncated))
+            with timer("update_batch"):
+                # this host's rows of the global batch (the kept groups with dynamic sampling)
+                arrays = hosts.learner_batch(learner, sr.batch, mask_truncated=bool(g.mask_truncated))
             metrics = jax.device_get(learner.update(arrays, step))
         skipped = monitor.observe(step + 1, metrics)  # raises after max_nonfinite_steps in a row
         t_eval, evaluated = time.perf_counter(), {}
@@ -177,6 +180,10 @@ def train_grpo(
             "lr": float(policy.schedule(int(policy.state.step) - 1)),
         }
         record.update(timer.pop())
+        record["time/update_logprobs"] = learner.logprob_seconds
+        record["time/update_train"] = max(
+            record["time/update"] - record["time/update_batch"] - learner.logprob_seconds, 0.0
+        )
         inner = timed_teacher.inner
         if isinstance(inner, JaxSampler):  # the rollout copy's rebuild, inside time/weight_push
             record["time/reshard"] = inner.reshard_seconds
