@@ -123,6 +123,8 @@ def main() -> None:
         ("completion length", [(g_mid, n) for n in lengths]),
     ):
         xs = [c[0] if name == "G" else c[1] for c in axis]
+        if len(xs) < 2:  # a single value on this axis (e.g. --lengths 32): no slope
+            continue
         for k in ("step", "gen_teacher", "update"):
             ts = [max(results[c][k], 1e-6) for c in axis]
             pairs = ", ".join(f"{ts[i + 1] / ts[i]:.2f}" for i in range(len(ts) - 1))
