@@ -65,10 +65,48 @@ def analytic_flops(size: dict, batch: int, seq: int) -> float:
     return 6 * n_matmul * batch * seq + attn
 
 
+def gemm_ceiling(size: dict, rows: int, dtype: str, reps: int = 3) -> float:
+    """FLOP/s of the step's weight matmuls alone at their own shapes (forward ``X·W``, backward ``dY·Wᵀ``
+    and ``Xᵀ·dY``; ``rows`` = B·T), each timed alone; total FLOPs / total time."""
+    import jax
+    import jax.numpy as jnp
+
+    d, f, v = size["hidden_size"], size["intermediate_size"], size["vocab_size"]
+    q, kv = size["num_heads"] * size["head_dim"], size["num_kv_heads"] * size["head_dim"]
+    weights = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]  # one layer
+    shapes = []  # (m, k, n, count)
+    for k_in, n_out in weights:
+        shapes += [(rows, k_in, n_out, size["num_layers"]), (rows, n_out, k_in, size["num_layers"])]
+        shapes += [(k_in, rows, n_out, size["num_layers"])]
+    shapes += [(rows, d, v, 1), (rows, v, d, 1), (d, rows, v, 1)]  # the (tied) unembedding
+    mm = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    total_flops = total_s = 0.0
+    for m, k, n, count in shapes:
+        a, b = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)
+        jax.block_until_ready(mm(a, b))
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            jax.block_until_ready(mm(a, b))
+            best = min(best, time.perf_counter() - t)
+        total_flops += 2 * m * k * n * count
+        total_s += best * count
+    return total_flops / total_s
+
+
 def bench_ours(
-    size: dict, dtype: str, batch: int, seq: int, steps: int, *, remat: bool = False, scan: bool = False
+    size: dict,
+    dtype: str,
+    batch: int,
+    seq: int,
+    steps: int,
+    *,
+    remat: bool = False,
+    scan: bool = False,
+    forward_only: bool = False,
 ) -> dict[str, float]:
-    """Times our SFT step; returns ``tok_s``, ``step_s``, ``compile_s`` and XLA's ``flops`` of that program."""
+    """Times our SFT step (or, ``forward_only``, its loss alone); returns ``tok_s``, ``step_s``, ``compile_s``
+    and XLA's ``flops`` of that program."""
     import jax
 
     from atlas_jax.models.config import ModelConfig
@@ -90,6 +128,16 @@ def bench_ours(
     step = train_step.make_train_step(
         graphdef, rest, tx, sft_loss_fn(256), num_micro=1, mesh=mesh, shardings=sh
     )
+    if forward_only:
+        fwd = train_step.make_eval_fn(
+            graphdef, rest, sft_loss_fn(256), num_micro=1, mesh=mesh, param_shardings=sh.params
+        )
+        params = state.params
+
+        def step(_, batch):  # same call shape as the train step; the state is never changed
+            return state, fwd(params, batch)
+
+        step.lower = lambda _, batch: fwd.lower(params, batch)
     rng = np.random.default_rng(0)
     b = {
         "tokens": rng.integers(0, size["vocab_size"], (batch, seq)).astype(np.int32),
@@ -161,6 +209,11 @@ def main() -> None:
         "--scan", action="store_true", help="also time the scanned-layer program (the default layout)"
     )
     p.add_argument("--skip_torch", action="store_true")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="also: the forward pass alone, and the step's matmuls at their shapes",
+    )
     a = p.parse_args()
     dtype = {"bf16": "bfloat16", "fp32": "float32"}[a.dtype]
     size = SIZES[a.size]
@@ -171,6 +224,11 @@ def main() -> None:
     if a.scan:
         sc = bench_ours(size, dtype, a.batch, a.seq, a.steps, remat=a.remat, scan=True)
         rows.append(("atlas-jax (layers scanned)", sc["tok_s"], sc["step_s"]))
+    explain = {}
+    if a.explain:
+        fwd = bench_ours(size, dtype, a.batch, a.seq, a.steps, remat=a.remat, forward_only=True)
+        explain["forward"] = fwd
+        explain["gemm"] = gemm_ceiling(size, a.batch * a.seq, dtype)
     if not a.skip_torch:
         theirs = bench_torch(size, dtype, a.batch, a.seq, a.steps)
         rows.append(
@@ -194,6 +252,18 @@ def main() -> None:
     for name, tok_s, step_s in rows:
         rate = flops / step_s
         print(f"{name:30} {tok_s:8,.0f} {step_s * 1e3:8.0f} {rate / 1e9:8.1f} {rate / peak:8.1%}")
+    if explain:
+        fwd = explain["forward"]
+        rate = fwd["flops"] / fwd["step_s"]
+        print(
+            f"{'forward (loss) alone':30} {fwd['tok_s']:8,.0f} {fwd['step_s'] * 1e3:8.0f} {rate / 1e9:8.1f} "
+            f"{rate / peak:8.1%}   ({fwd['flops'] / 1e9:.1f} GFLOP)"
+        )
+        g = explain["gemm"]
+        print(
+            f"{'its matmuls, each alone':30} {'':8} {flops / g * 1e3:8.0f} {g / 1e9:8.1f} {g / peak:8.1%}   "
+            "(their shapes, each timed alone: the ceiling for this model)"
+        )
     if not a.skip_torch:
         print(f"ratio ours / torch: {ours['tok_s'] / theirs:.2f}")
 
