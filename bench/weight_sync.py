@@ -172,6 +172,13 @@ def main() -> None:
         t_sync = _best(lambda: engine.update_weights(params_b), args.reps)
         jparams = {k: jnp.asarray(v) for k, v in params_b.items()}
         t_sync_jax = _best(lambda: engine.update_weights(jparams), args.reps)
+        from atlas_jax.engines import weight_sync
+
+        def ours_alone() -> None:  # our stream consumed without vLLM (no torch threads competing)
+            for _ in weight_sync.hf_tensors(weight_sync.flat_params(jparams), cfg):
+                pass
+
+        t_ours_alone = _best(ours_alone, args.reps)
         splits = [split_push(engine, jparams, cfg.tie_word_embeddings) for _ in range(args.reps)]
         split = min(splits, key=lambda r: r["total"])
 
@@ -204,6 +211,10 @@ def main() -> None:
         print(
             f"  {name:36} {split[key] * 1e3:8.1f} ms {split[key] / total:6.1%}  {split[key] / t_memcpy:6.2f}x memcpy"
         )
+    print(
+        f"  ours alone (the same stream consumed without vLLM): {t_ours_alone * 1e3:.1f} ms "
+        f"({t_ours_alone / total:.1%} of the push)"
+    )
     ptotal = breakdown["total"]
     print(
         f"inside vLLM's reload (cProfile, {ptotal * 1e3:.0f} ms profiled): oneDNN re-pack "
