@@ -111,7 +111,13 @@ def main() -> None:
     g_mid, l_mid = gens[len(gens) // 2], lengths[len(lengths) // 2]
     configs = [(g, l_mid) for g in gens] + [(g_mid, n) for n in lengths if n != l_mid]
     t0 = time.perf_counter()
-    results = {cfg: run_one(SIZES[a.size], *cfg, a.steps, a.warmup) for cfg in configs}
+    results = {}
+    for cfg in configs:  # each printed when done, so a run cut short still shows what it measured
+        results[cfg] = run_one(SIZES[a.size], *cfg, a.steps, a.warmup)
+        print(
+            f"G={cfg[0]} len={cfg[1]}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[cfg].items()),
+            flush=True,
+        )
     print(
         f"GRPO step scaling, size {a.size}, 2 problems/step, median of {a.steps} steps ({time.perf_counter() - t0:.0f} s)"
     )
