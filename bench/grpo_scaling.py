@@ -5,7 +5,7 @@
 Runs the real GRPO loop (``train_grpo``: weight push, two-pass rollout on the JAX engines, update) of
 ``bench/soak.py`` on random teacher/student models of ``--size``, 2 problems per step, once per
 configuration: G over ``--gens`` at the middle length, then the teaching length (``max_teaching_tokens``;
-a random teacher almost never stops early, so it is the completion length) over ``--lengths`` at the
+the teacher ignores EOS, so every completion has exactly that length) over ``--lengths`` at the
 middle G. The quickstart's short templates and one prompt bucket (256) keep every program's shapes fixed, so
 after ``--warmup`` steps (compiles) nothing recompiles; ``--steps`` are timed and the table holds the
 median of the trainer's own ``time/*`` metrics over the timed steps.
@@ -58,7 +58,9 @@ def run_one(
     """Median ``time/*`` seconds over the timed steps of one configuration (plus the teacher tokens/step)."""
     from atlas_jax.data.loading import train_eval_split
     from atlas_jax.data.rl import load_problems
-    from atlas_jax.training import rl_setup
+    from atlas_jax.engines.jax_sampler import JaxSampler
+    from atlas_jax.training import rl_setup, train_step
+    from atlas_jax.training.engine_setup import load_tokenizer
     from atlas_jax.training.grpo import GRPOLearner
     from atlas_jax.training.grpo_loop import train_grpo
     from atlas_jax.training.runtime import make_policy
@@ -81,7 +83,17 @@ def run_one(
             total_steps=g.num_steps,
             extra_init=GRPOLearner.extra_init(g.beta),
         )
-        teacher, student = rl_setup.teacher_engine(c, policy), rl_setup.student_engine(c)
+        # The teacher as engine_setup.teacher_engine builds it, but never stopping at EOS: every completion
+        # is exactly `length` tokens, so the completion length is the x of the fit.
+        teacher = JaxSampler(
+            train_step.merge_model(policy.graphdef, policy.params, policy.rest),
+            load_tokenizer(c.model.teacher),
+            mesh=policy.mesh,
+            prompt_bucket=int(c.engine.jax_prompt_bucket),
+            rollout_copy=bool(c.engine.jax_rollout_copy),
+            ignore_eos=True,
+        )
+        student = rl_setup.student_engine(c)
         train_grpo(c, train, evals, teacher, student, policy)
         rows = [json.loads(x) for x in (Path(c.output_dir) / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in rows if r["step"] > warmup and "time/step" in r]
