@@ -1,12 +1,13 @@
 """GRPO step time as the group size G and the completion length double: the slope per doubling.
 
-    python -m bench.grpo_scaling [--size small|tiny] [--gens 2,4,8] [--lengths 16,32,64] [--steps 4]
+    python -m bench.grpo_scaling [--size small|tiny] [--gens 2,4,8] [--lengths 32,64,128] [--steps 4]
 
 Runs the real GRPO loop (``train_grpo``: weight push, two-pass rollout on the JAX engines, update) of
-``bench/soak.py`` on random teacher/student models of ``--size``, 2 problems per step, once per
+``bench/soak.py`` on random teacher/student models of ``--size`` and the quickstart's arithmetic problems
+(``atlas_jax.data.arith_task``, a new one each time), 2 problems per step, once per
 configuration: G over ``--gens`` at the middle length, then the teaching length (``max_teaching_tokens``;
 the teacher ignores EOS, so every completion has exactly that length) over ``--lengths`` at the
-middle G. The quickstart's short templates and one prompt bucket (256) keep every program's shapes fixed, so
+middle G. The quickstart's short templates and one prompt bucket (64) keep every program's shapes fixed, so
 after ``--warmup`` steps (compiles) nothing recompiles; ``--steps`` are timed and the table holds the
 median of the trainer's own ``time/*`` metrics over the timed steps.
 
@@ -53,12 +54,12 @@ PHASES = ("step", "weight_push", "gen_teacher", "gen_taught", "gen_probe", "scor
 
 
 def run_one(
-    size: dict, generations: int, length: int, steps: int, warmup: int = 2, bucket: int = 256
+    size: dict, generations: int, length: int, steps: int, warmup: int = 2, bucket: int = 64
 ) -> dict[str, float]:
     """Median ``time/*`` seconds over the timed steps of one configuration (plus the teacher tokens/step)."""
-    from atlas_jax.data.loading import train_eval_split
-    from atlas_jax.data.rl import load_problems
+    from atlas_jax.data import arith_task
     from atlas_jax.engines.jax_sampler import JaxSampler
+    from atlas_jax.pipeline import rl_problem
     from atlas_jax.training import rl_setup, train_step
     from atlas_jax.training.engine_setup import load_tokenizer
     from atlas_jax.training.grpo import GRPOLearner
@@ -72,11 +73,13 @@ def run_one(
         c.eval.every_steps, c.eval.num_problems = 0, 1  # only the end-of-run eval (outside time/step)
         c.checkpoint.every_steps, c.checkpoint.async_save = 0, False  # only the final save
         quickstart_templates(c)
-        # One prompt shape per program (the sample problems' prompts are 60-210 tokens with these templates),
-        # so nothing compiles after the warm-up step.
+        # The quickstart's arithmetic problems: with its templates every teacher prompt fits one 64-token bucket,
+        # so nothing compiles after the warm-up and the completion is most of each learner row.
         c.engine.jax_prompt_bucket = c.grpo.prompt_bucket = bucket
         g = c.grpo
-        train, evals = train_eval_split(load_problems(c.data.rl_path), 0.25, 0)
+        problems = arith_task.sample_problems(0, 2 * (warmup + steps) + 2, {1: 1, 2: 1, 3: 1}, max_operand=6)
+        problems = [rl_problem(p) for p in problems]
+        train, evals = problems[2:], problems[:2]
         policy = make_policy(
             c,
             learning_rate=g.learning_rate,
@@ -114,7 +117,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("--gens", default="2,4,8", help="G values (num_generations)")
-    ap.add_argument("--lengths", default="16,32,64", help="max_teaching_tokens values")
+    ap.add_argument("--lengths", default="32,64,128", help="max_teaching_tokens values")
     ap.add_argument("--steps", type=int, default=4, help="timed steps per configuration")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compiles)")
     a = ap.parse_args()
