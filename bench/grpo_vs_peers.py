@@ -259,16 +259,17 @@ def ours(
         )
         comps = [x for group in res for x in group]
         check_workload(prompts, [[x.token_ids for x in g] for g in res])
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         rewards = rng.random((len(prompts), GENERATIONS)).astype(np.float32)
         batch = learner.build_batch(
             [x.prompt_ids for x in comps], [x.token_ids for x in comps], [x.logprobs for x in comps], rewards
         )
         t2 = time.perf_counter()
         jax.block_until_ready(learner.update(batch, step))
-        t3 = time.perf_counter()
+        t3, c3 = time.perf_counter(), time.process_time()
         phases = {"generate": t1 - t0, "batch": t2 - t1, "update": t3 - t2}
-        out.append({**phases, "step": t3 - t0, "cpu": time.process_time() - c0})
+        cpu = {"generate_cpu": c1 - c0, "update_cpu": c3 - c1}  # batch's CPU counted with the update
+        out.append({**phases, **cpu, "step": t3 - t0, "cpu": c3 - c0})
     return out[1:]
 
 
@@ -347,15 +348,18 @@ def load() -> str:
 
 def table(res: dict[str, list[dict[str, float]]], tokens: int) -> list[str]:
     """Rows: completion tok/s (best, worst), tok per CPU-s (best), ours' phase split; then the ratios."""
-    lines = [f"{'':>6} | tok/s best | tok/s worst | tok/CPU-s | step s (each)"]
+    lines = [f"{'':>8} | tok/s best | tok/s worst | tok/CPU-s | step s (each)"]
     for name, steps in res.items():
         ts, cs = [x["step"] for x in steps], [x["cpu"] for x in steps]
         each = ", ".join(f"{t:.1f}" for t in ts)
         lines.append(
-            f"{name:>6} | {tokens / min(ts):10.0f} | {tokens / max(ts):11.0f} | {tokens / min(cs):9.0f} | {each}"
+            f"{name:>8} | {tokens / min(ts):10.0f} | {tokens / max(ts):11.0f} | {tokens / min(cs):9.0f} | {each}"
         )
     if "ours" in res:
-        ph = {k: np.median([x[k] for x in res["ours"]]) for k in ("generate", "batch", "update")}
+        keys = [
+            k for k in ("generate", "batch", "update", "generate_cpu", "update_cpu") if k in res["ours"][0]
+        ]
+        ph = {k: np.median([x[k] for x in res["ours"]]) for k in keys}
         lines.append("  ours phases (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()))
         ours_ts = [x["step"] for x in res["ours"]]
         ours_cs = [x["cpu"] for x in res["ours"]]

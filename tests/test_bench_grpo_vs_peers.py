@@ -32,6 +32,6 @@ def test_table_ratios_are_peer_time_over_ours():
         "trl": [{"step": 16.0, "cpu": 32.0}, {"step": 20.0, "cpu": 40.0}],
     }
     lines = bench.table(res, tokens)
-    assert any(line.startswith("  ours |       2048 |        1638 |      1024") for line in lines), lines
+    assert any(line.startswith("    ours |       2048 |        1638 |      1024") for line in lines), lines
     assert "ours / trl: 4.00x wall (best/best; spread 3.20-5.00x), 4.00x per CPU-s" in lines
     assert f"ours / TRL defaults (DESIGN.md 524 tok/s, quiet machine): {2048 / 524:.2f}x" in lines
