@@ -77,6 +77,8 @@ class DecodeState(NamedTuple):
       done: ``[B]`` row has finished (stop token, ``max_tokens``, stop string, or bucket padding).
       lengths: ``[B]`` tokens kept per row (a trailing stop token included).
       keys: ``[B]`` per-row PRNG keys.
+      uniforms: ``[B, M]`` the draw's uniform for each row and step (``uniform(fold_in(keys[b], step))``),
+        made once at prefill: one vectorised threefry instead of two small loops inside every decode step.
     """
 
     cache: KVCache
@@ -87,6 +89,7 @@ class DecodeState(NamedTuple):
     done: jax.Array
     lengths: jax.Array
     keys: jax.Array
+    uniforms: jax.Array
 
 
 def bucket(x: int, minimum: int) -> int:
@@ -136,6 +139,11 @@ def _uniforms(keys: jax.Array, step: jax.Array) -> jax.Array:
     return jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step)))(keys)
 
 
+def _all_uniforms(keys: jax.Array, steps: int) -> jax.Array:
+    """``[B, steps]``: column ``s`` equals ``_uniforms(keys, s)`` bit for bit."""
+    return jax.vmap(lambda s: _uniforms(keys, s), out_axes=1)(jnp.arange(steps, dtype=jnp.int32))
+
+
 def _advance(st: DecodeState, tok, lp, max_tokens, stop_ids) -> DecodeState:
     """Writes the token sampled at ``st.step`` and updates lengths/done (finished rows write pad/0)."""
     tok = jnp.where(st.done, 0, tok).astype(jnp.int32)
@@ -178,7 +186,8 @@ def _prefill_impl(
     rows = row0 + jnp.arange(b, dtype=jnp.uint32)
     keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(rows)
     logits = model.unembed(shard(rep(hidden[:, -1:], axis=0), ("batch", None, None)))[:, 0]
-    tok, lp = strategy.sample(logits, _uniforms(keys, jnp.int32(0)))
+    uniforms = shard(_all_uniforms(keys, max_new), ("batch", None))
+    tok, lp = strategy.sample(logits, uniforms[:, 0])
     st = DecodeState(
         cache=cache,
         tokens=shard(jnp.zeros((b, max_new), jnp.int32), ("batch", None)),
@@ -188,6 +197,7 @@ def _prefill_impl(
         done=row(~live),
         lengths=row(jnp.zeros((b,), jnp.int32)),
         keys=keys,
+        uniforms=uniforms,
     )
     return _advance(st, tok, lp, max_tokens, stop_ids)
 
@@ -203,7 +213,8 @@ def _decode_impl(graphdef, counts, params, st: DecodeState, limit, max_tokens, s
         model = nnx.merge(graphdef, params, copy=True)
         last = jax.lax.dynamic_slice_in_dim(st.tokens, st.step - 1, 1, axis=1)
         hidden, cache = model.hidden_states(last, st.positions[:, None], ones, st.cache)
-        tok, lp = strategy.sample(model.unembed(hidden)[:, 0], _uniforms(st.keys, st.step))
+        u = jax.lax.dynamic_slice_in_dim(st.uniforms, st.step, 1, axis=1)[:, 0]
+        tok, lp = strategy.sample(model.unembed(hidden)[:, 0], u)
         st = st._replace(cache=cache, positions=st.positions + 1)
         return _advance(st, tok, lp, max_tokens, stop_ids)
 
