@@ -76,9 +76,9 @@ class DecodeState(NamedTuple):
       positions: ``[B]`` position of the last sampled token (the next input).
       done: ``[B]`` row has finished (stop token, ``max_tokens``, stop string, or bucket padding).
       lengths: ``[B]`` tokens kept per row (a trailing stop token included).
-      keys: ``[B]`` per-row PRNG keys.
-      uniforms: ``[B, M]`` the draw's uniform for each row and step (``uniform(fold_in(keys[b], step))``),
-        made once at prefill: one vectorised threefry instead of two small loops inside every decode step.
+      uniforms: ``[B, M]`` the draw's uniform for each row and step (``uniform(fold_in(key_b, step))`` with
+        ``key_b`` the row's PRNG key), made once at prefill: one vectorised threefry instead of two small loops
+        inside every decode step.
     """
 
     cache: KVCache
@@ -88,7 +88,6 @@ class DecodeState(NamedTuple):
     positions: jax.Array
     done: jax.Array
     lengths: jax.Array
-    keys: jax.Array
     uniforms: jax.Array
 
 
@@ -196,7 +195,6 @@ def _prefill_impl(
         positions=row(rep(positions[:, -1] + 1, axis=0)),
         done=row(~live),
         lengths=row(jnp.zeros((b,), jnp.int32)),
-        keys=keys,
         uniforms=uniforms,
     )
     return _advance(st, tok, lp, max_tokens, stop_ids)

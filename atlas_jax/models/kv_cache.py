@@ -14,9 +14,10 @@ class KVCache:
     """Keys/values for every layer; a pytree, so it passes through ``jax.jit`` (donate it to update in place).
 
     Two layouts of ``k``/``v``: *stacked* arrays with a leading ``[L]`` axis (the layers run under ``lax.scan``),
-    or *per-layer* tuples of L arrays (`split_layers`; the layers are unrolled, each updating its own buffer). XLA:CPU copies the whole stacked cache (in bf16 through an f32 round trip) when one layer
-    writes its slice, at every layer of every decode step, but updates a per-layer buffer in place: the JAX
-    sampler decodes with the per-layer layout (~1.5x faster on the benchmark model, `bench/rollout.py`).
+    or *per-layer* tuples of L arrays (`split_layers`; the layers are unrolled, each updating its own buffer).
+    XLA:CPU copies the whole stacked cache (in bf16 through an f32 round trip) when one layer writes its slice,
+    at every layer of every decode step, but updates a per-layer buffer in place: the JAX sampler decodes with
+    the per-layer layout (~1.5x faster on the benchmark model, `bench/rollout.py`).
     Keys are ``[B, K, S, H]`` and values ``[B, K, H, S]`` per layer (kv-head major, values transposed), so
     both decode-attention products contract each head's block along its last axis and XLA:CPU reads the
     cache in place: with ``[B, S, K, H]`` for both it transposed (and for values, upcast to f32) every
