@@ -103,9 +103,8 @@ def _model_step_ms(model, batch: int, args) -> float:
     from atlas_jax.models.kv_cache import KVCache
 
     graphdef, state = nnx.split(model)
-    cache = KVCache.init(
-        model.cfg, batch, bucket(args.prompt_len, 16) + bucket(args.max_tokens, 16)
-    ).split_layers()
+    slots = bucket(args.prompt_len, 16) + bucket(args.max_tokens, 16)
+    cache = KVCache.init(model.cfg, batch, slots, KVCache.storage_dtype(model.cfg.dtype)).split_layers()
 
     @functools.partial(jax.jit, donate_argnums=1)
     def step(state, cache, ids):

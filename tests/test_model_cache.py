@@ -32,7 +32,7 @@ def test_prefill_then_decode_matches_full_forward(family, tmp_path):
     prefill = 5  # rows 2 (3 tokens) and 1 (7 tokens) are still all padding / partly padding here
     cache = KVCache.init(cfg, batch=ids.shape[0], max_len=ids.shape[1] + 3)
     assert cache.k.shape == (cfg.num_layers, 4, cfg.num_kv_heads, 14, cfg.head_dim)  # kv-head major
-    assert cache.v.shape == (cfg.num_layers, 4, cfg.num_kv_heads, cfg.head_dim, 14)  # values transposed
+    assert cache.v.shape == cache.k.shape  # values laid out as keys
     chunks = []
     logits, cache = _step(model, *(jnp.asarray(x[:, :prefill]) for x in (ids, positions, mask)), cache)
     chunks.append(np.asarray(logits))
@@ -76,6 +76,31 @@ def test_cache_init_dtype_and_pytree():
     cache32 = KVCache.init(TINY_QWEN3, batch=3, max_len=16, dtype="float32")
     assert cache32.v.dtype == jnp.float32
     assert len(jax.tree.leaves(cache)) == 4
+
+
+def test_cache_storage_dtype_is_f32_only_for_16_bit_compute_on_the_cpu():
+    assert KVCache.storage_dtype("bfloat16", "cpu") == jnp.float32
+    assert KVCache.storage_dtype("float16", "cpu") == jnp.float32
+    assert KVCache.storage_dtype("float32", "cpu") == jnp.float32
+    assert KVCache.storage_dtype("bfloat16", "tpu") == jnp.bfloat16
+    assert KVCache.storage_dtype("bfloat16", "gpu") == jnp.bfloat16
+
+
+def test_bf16_model_decodes_the_same_from_an_f32_and_a_bf16_cache():
+    """The sampler's CPU storage (f32 cache, bf16 compute) vs the compute-dtype cache: same greedy logits."""
+    cfg = TINY_QWEN3.replace(dtype="bfloat16")
+    model = build_model(cfg, seed=3)
+    ids, positions, mask = (jnp.asarray(x) for x in left_padded_batch(lengths=(6, 4), width=6))
+    outs = []
+    for dtype in ("bfloat16", "float32"):
+        cache = KVCache.init(cfg, batch=2, max_len=9, dtype=dtype)
+        _, cache = model(ids, positions, mask, cache)
+        nxt = positions[:, -1:] + 1
+        logits, cache = model(ids[:, -1:], nxt, jnp.ones((2, 1), jnp.int32), cache)
+        assert cache.k.dtype == jnp.dtype(dtype)
+        outs.append(np.asarray(logits, np.float32))
+    scale = np.abs(outs[1]).max()
+    assert np.abs(outs[0] - outs[1]).max() <= 0.05 * scale  # bf16 rounding of k/v and probabilities only
 
 
 def test_cache_overflow_is_an_error_outside_jit():

@@ -170,7 +170,9 @@ def _prefill_impl(
     model = nnx.merge(graphdef, params)
     shard = functools.partial(_shard, mesh)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-    cache = KVCache.init(model.cfg, ids.shape[0], cache_len).split_layers()  # in-place updates (see KVCache)
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    cache_dtype = KVCache.storage_dtype(model.cfg.dtype, platform)  # f32 for bf16 on the CPU (see KVCache)
+    cache = KVCache.init(model.cfg, ids.shape[0], cache_len, cache_dtype).split_layers()  # in-place updates
     hidden, cache = model.hidden_states(ids, positions, mask, cache, prefill=True)  # fresh cache: index 0
     b = -(-ids.shape[0] * n // row_multiple) * row_multiple  # rows padded to the mesh's batch shards
     # Rows r >= prompts * n (padding) repeat the last prompt and start finished.

@@ -102,7 +102,7 @@ def self_attention(
 def cached_attention(
     q_btnh: Float[Array, "b t n h"],
     k_bksh: Float[Array, "b k s h"],
-    v_bkhs: Float[Array, "b k h s"],
+    v_bksh: Float[Array, "b k s h"],
     slot_mask_bs: Array,
     index: Int[Array, ""],
     *,
@@ -111,32 +111,33 @@ def cached_attention(
 ) -> Float[Array, "b t n h"]:
     """Queries at slots ``index + t`` over the cache: slots s <= index + t with ``slot_mask[b, s]``.
 
-    The cache layout (`KVCache`: keys ``[B,K,S,H]``, values ``[B,K,H,S]``) makes both products batched
-    matmuls over ``(b, k)`` that contract the operands' last axis, which XLA:CPU runs on the cache as it is
-    (no copy, no upcast; a bf16 x bf16 -> f32 product contracting another axis has no XLA:CPU kernel at
-    some shapes, "Unsupported element type for DotThunk"): ``logits[b,k,g,t,s] = q[b,t,k,g,:]·k[b,k,s,:] /
-    sqrt(H)``, a float32 softmax over the allowed slots, then ``out[b,t,k,g,h] = Σ_s p[b,k,g,t,s]·v[b,k,h,s]``
-    (operands in the compute dtype, float32 accumulation, probabilities rounded to the compute dtype).
-    ``impl="dense"`` is the reference path (`_dense` on the ``[B,S,K,H]`` transposes); every other choice
-    uses the copy-free one.
+    With the cache layout (`KVCache`: keys and values ``[B,K,S,H]``) both products are batched matmuls over
+    ``(b, k)`` on each head's ``[S,H]`` block as it lies in the cache, with the T x G queries of a kv head
+    as the rows of one matrix (q = (t, g)): ``logits[b,k,q,s] = q[b,k,q,:]·k[b,k,s,:] / sqrt(H)``, a float32
+    softmax over the allowed slots, then ``out[b,k,q,:] = Σ_s p[b,k,q,s]·v[b,k,s,:]``, float32 accumulation.
+    The operands are in ``promote(cache dtype, dtype)``, so the float32 cache the sampler keeps for 16-bit
+    compute on the CPU (`KVCache.storage_dtype`) is read as it is. ``impl="dense"`` is the reference path (`_dense` on the ``[B,S,K,H]`` transposes); every
+    other choice uses this one.
     """
     t, s = q_btnh.shape[1], k_bksh.shape[2]
     q_slot_t = index + jnp.arange(t, dtype=jnp.int32)
     filled_ts = jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slot_t[:, None]
     allowed_bts = filled_ts[None, :, :] & slot_mask_bs.astype(jnp.bool_)[:, None, :]
     if resolve(impl, dtype) == "dense":
-        k_bskh, v_bskh = k_bksh.transpose(0, 2, 1, 3), v_bkhs.transpose(0, 3, 1, 2)
+        k_bskh, v_bskh = k_bksh.transpose(0, 2, 1, 3), v_bksh.transpose(0, 2, 1, 3)
         return _dense(q_btnh, k_bskh, v_bskh, allowed_bts, dtype)
     b, _, n, h = q_btnh.shape
     kh = k_bksh.shape[1]
-    q_btkgh = q_btnh.astype(dtype).reshape(b, t, kh, n // kh, h)
-    logits = jnp.einsum(
-        "btkgh,bksh->bkgts", q_btkgh, k_bksh.astype(dtype), preferred_element_type=jnp.float32
-    ) * (h**-0.5)
-    logits = jnp.where(allowed_bts[:, None, None, :, :], logits, NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgts,bkhs->btkgh", probs, v_bkhs.astype(dtype), preferred_element_type=jnp.float32)
-    return out.astype(dtype).reshape(b, t, n, h)
+    g = n // kh
+    cdt = jnp.promote_types(k_bksh.dtype, dtype)  # an f32 cache (`KVCache.storage_dtype`) is read as f32
+    q_bkqh = q_btnh.astype(cdt).reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, h)
+    scores = jnp.einsum("bkqh,bksh->bkqs", q_bkqh, k_bksh.astype(cdt), preferred_element_type=jnp.float32)
+    logits = scores * (h**-0.5)
+    allowed_bkqs = jnp.broadcast_to(allowed_bts[:, None, :, None, :], (b, 1, t, g, s)).reshape(b, 1, t * g, s)
+    logits = jnp.where(allowed_bkqs, logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(cdt)
+    out = jnp.einsum("bkqs,bksh->bkqh", probs, v_bksh.astype(cdt), preferred_element_type=jnp.float32)
+    return out.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h).astype(dtype)
 
 
 # ------------------------------------------------------------------------------------------------ splash (TPU)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import struct
 from jaxtyping import Array, Bool, Float, Int
@@ -18,22 +19,28 @@ class KVCache:
     XLA:CPU copies the whole stacked cache (in bf16 through an f32 round trip) when one layer writes its slice,
     at every layer of every decode step, but updates a per-layer buffer in place: the JAX sampler decodes with
     the per-layer layout (~1.5x faster on the benchmark model, `bench/rollout.py`).
-    Keys are ``[B, K, S, H]`` and values ``[B, K, H, S]`` per layer (kv-head major, values transposed), so
-    both decode-attention products contract each head's block along its last axis and XLA:CPU reads the
-    cache in place: with ``[B, S, K, H]`` for both it transposed (and for values, upcast to f32) every
-    layer's whole cache at every decode step.
+    Keys and values are both ``[B, K, S, H]`` per layer (kv-head major), so each kv head's block is one
+    contiguous ``[S, H]`` matrix that the decode-attention products read in place (with ``[B, S, K, H]``
+    XLA:CPU transposed every layer's whole cache at every decode step).
+
+    Storage dtype (`storage_dtype`): the compute dtype, except 16-bit compute on the CPU, where the cache is
+    float32. XLA:CPU has no in-place bf16 ``dynamic-update-slice`` (it converts the whole buffer to f32 and
+    back, or, updated as ``uint16`` bits, still copies the buffer in the fusion that feeds attention) and no
+    bf16 x bf16 -> f32 product contracting the slot axis (values times probabilities); an f32 buffer is
+    updated in place and read by f32 matmuls: ~12-24% faster bf16 decode on the benchmark model
+    (`bench/rollout.py`), at twice the cache bytes (still small next to the weights on a CPU).
 
     Attributes:
       k: keys (after RoPE), ``[L, B, K, S, H]`` or L x ``[B, K, S, H]``.
-      v: values, ``[L, B, K, H, S]`` or L x ``[B, K, H, S]``.
+      v: values, ``[L, B, K, S, H]`` or L x ``[B, K, S, H]``.
       mask: ``[B, S]`` True where the slot holds a real (non-padding) token.
       index: int32 scalar, the next slot to write; a call with T tokens writes slots ``[index, index+T)``.
         Writing past ``S`` is not checked inside jit (``dynamic_update_slice`` would clamp): size the cache for
         prompt + generation.
     """
 
-    k: Float[Array, "l b s k h"] | tuple[Float[Array, "b s k h"], ...]
-    v: Float[Array, "l b s k h"] | tuple[Float[Array, "b s k h"], ...]
+    k: Float[Array, "l b k s h"] | tuple[Float[Array, "b k s h"], ...]
+    v: Float[Array, "l b k s h"] | tuple[Float[Array, "b k s h"], ...]
     mask: Bool[Array, "b s"]
     index: Int[Array, ""]
 
@@ -43,13 +50,23 @@ class KVCache:
     ) -> KVCache:
         """An empty cache of ``max_len`` slots (dtype defaults to the compute dtype ``cfg.dtype``)."""
         dtype = jnp.dtype(cfg.dtype if dtype is None else dtype)
-        lbk = (cfg.num_layers, batch, cfg.num_kv_heads)
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         return cls(
-            k=jnp.zeros((*lbk, max_len, cfg.head_dim), dtype),
-            v=jnp.zeros((*lbk, cfg.head_dim, max_len), dtype),
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
             mask=jnp.zeros((batch, max_len), jnp.bool_),
             index=jnp.zeros((), jnp.int32),
         )
+
+    @staticmethod
+    def storage_dtype(dtype: jnp.dtype | str, platform: str | None = None) -> jnp.dtype:
+        """The dtype to store a cache in for compute ``dtype`` on ``platform`` (default: the default backend):
+        float32 for 16-bit compute on the CPU (see the class docstring), else ``dtype`` itself."""
+        dtype = jnp.dtype(dtype)
+        platform = platform or jax.default_backend()
+        if platform == "cpu" and jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 2:
+            return jnp.dtype(jnp.float32)
+        return dtype
 
     @property
     def per_layer(self) -> bool:
@@ -68,9 +85,9 @@ class KVCache:
 
     def sharding_axes(self) -> KVCache:
         """Logical axis names of each field (for `sharding.spec_for`)."""
-        k1, v1 = ("batch", "kv_heads", "length", "head_dim"), ("batch", "kv_heads", "head_dim", "length")
-        k_axes = tuple(k1 for _ in self.k) if self.per_layer else (None, *k1)
-        v_axes = tuple(v1 for _ in self.v) if self.per_layer else (None, *v1)
+        one = ("batch", "kv_heads", "length", "head_dim")
+        k_axes = tuple(one for _ in self.k) if self.per_layer else (None, *one)
+        v_axes = tuple(one for _ in self.v) if self.per_layer else (None, *one)
         return KVCache(  # type: ignore[arg-type]
             k=k_axes,
             v=v_axes,

@@ -206,14 +206,12 @@ class Attention(nnx.Module):
         if kv is not None:
             k_all, v_all = kv
             zero = jnp.zeros((), jnp.int32)
-            k_new, v_new = k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 3, 1)  # [B,K,T,H], [B,K,H,T]
-            idx = ctx.index.astype(jnp.int32)
-            k_start, v_start = (zero, zero, idx, zero), (zero, zero, zero, idx)
+            k_new, v_new = k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3)  # both [B,K,T,H]
+            start = (zero, zero, ctx.index.astype(jnp.int32), zero)
             if layer is not None:  # stacked buffers: write layer ``layer``'s slice
-                lay = jnp.asarray(layer, jnp.int32)
-                k_start, v_start = (lay, *k_start), (lay, *v_start)
+                start = (jnp.asarray(layer, jnp.int32), *start)
                 k_new, v_new = k_new[None], v_new[None]
-            k_all, v_all = write_slots(k_all, k_new, k_start), write_slots(v_all, v_new, v_start)
+            k_all, v_all = write_slots(k_all, k_new, start), write_slots(v_all, v_new, start)
             kv = (k_all, v_all)
         if kv is None or ctx.prefill:
             out_btnh = attention.self_attention(q_btnh, k_btkh, v_btkh, ctx.segment_bt, **kw)
@@ -221,8 +219,8 @@ class Attention(nnx.Module):
             out_btnh = attention.cached_attention(q_btnh, kv[0], kv[1], ctx.slot_mask_bs, ctx.index, **kw)
         else:
             k_bksh = jax.lax.dynamic_index_in_dim(kv[0], layer, axis=0, keepdims=False)
-            v_bkhs = jax.lax.dynamic_index_in_dim(kv[1], layer, axis=0, keepdims=False)
-            out_btnh = attention.cached_attention(q_btnh, k_bksh, v_bkhs, ctx.slot_mask_bs, ctx.index, **kw)
+            v_bksh = jax.lax.dynamic_index_in_dim(kv[1], layer, axis=0, keepdims=False)
+            out_btnh = attention.cached_attention(q_btnh, k_bksh, v_bksh, ctx.slot_mask_bs, ctx.index, **kw)
         return einsum("btnh,nhd->btd", out_btnh, self.o_proj.kernel.get_value(), self.dtype), kv
 
 
@@ -231,7 +229,9 @@ def write_slots(buf: Array, new: Array, start: tuple[Array, ...]) -> Array:
 
     XLA:CPU has no bf16 ``dynamic-update-slice``: it rewrites one as convert-to-f32, update, convert back,
     which copies the whole cache buffer at every layer of every decode step. The same bits updated as
-    ``uint16`` (a free bitcast either way) stay in place.
+    ``uint16`` (a free bitcast either way) stay in place, unless the bitcast back fuses into a consumer that
+    then writes a fresh buffer; the sampler avoids both by storing a float32 cache on the CPU
+    (`KVCache.storage_dtype`).
     """
     new = new.astype(buf.dtype)
     if buf.dtype.itemsize != 2 or not jnp.issubdtype(buf.dtype, jnp.floating):
