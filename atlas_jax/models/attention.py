@@ -116,8 +116,8 @@ def cached_attention(
     as the rows of one matrix (q = (t, g)): ``logits[b,k,q,s] = q[b,k,q,:]·k[b,k,s,:] / sqrt(H)``, a float32
     softmax over the allowed slots, then ``out[b,k,q,:] = Σ_s p[b,k,q,s]·v[b,k,s,:]``, float32 accumulation.
     The operands are in ``promote(cache dtype, dtype)``, so the float32 cache the sampler keeps for 16-bit
-    compute on the CPU (`KVCache.storage_dtype`) is read as it is. ``impl="dense"`` is the reference path (`_dense` on the ``[B,S,K,H]`` transposes); every
-    other choice uses this one.
+    compute on the CPU (`KVCache.storage_dtype`) is read as it is. ``impl="dense"`` is the reference path
+    (`_dense` on the ``[B,S,K,H]`` transposes); every other choice uses this one.
     """
     t, s = q_btnh.shape[1], k_bksh.shape[2]
     q_slot_t = index + jnp.arange(t, dtype=jnp.int32)
