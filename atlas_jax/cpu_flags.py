@@ -8,7 +8,7 @@ it does not support keeps XLA's emitter). On the peers' benchmark model (`bench/
 
 XLA reads ``XLA_FLAGS`` once, when JAX starts its first backend (the first array or compile, not
 ``import jax``), so this takes effect when ``atlas_jax`` is imported before any JAX computation (the
-launchers and `bench/` scripts import it at the top). A ``--xla_cpu_experimental_ynn_fusion_type`` the user set
+launchers and `bench/` scripts import it before their first JAX computation). A ``--xla_cpu_experimental_ynn_fusion_type`` the user set
 already wins, and ``ATLAS_JAX_YNN_DOTS=0`` leaves ``XLA_FLAGS`` alone.
 """
 
