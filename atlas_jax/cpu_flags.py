@@ -6,10 +6,10 @@ it does not support keeps XLA's emitter). On the peers' benchmark model (`bench/
 2 cores, A/B interleaved in one run) it made the JAX sampler's decode 1.33-1.41x faster in bf16 and
 1.05-1.12x in fp32. The flag only changes the CPU backend; TPU and GPU compilers ignore it.
 
-XLA reads ``XLA_FLAGS`` once, when JAX starts its first backend (the first array or compile, not
-``import jax``), so this takes effect when ``atlas_jax`` is imported before any JAX computation (the
-launchers and `bench/` scripts import it before their first JAX computation). A ``--xla_cpu_experimental_ynn_fusion_type`` the user set
-already wins, and ``ATLAS_JAX_YNN_DOTS=0`` leaves ``XLA_FLAGS`` alone.
+XLA reads ``XLA_FLAGS`` once, when JAX starts its first backend (the first array or compile, not ``import
+jax``), so this takes effect when ``atlas_jax`` is imported before any JAX computation (the launchers and
+`bench/` scripts import it before their first JAX computation). A ``--xla_cpu_experimental_ynn_fusion_type`` the
+user set already wins, and ``ATLAS_JAX_YNN_DOTS=0`` leaves ``XLA_FLAGS`` alone.
 """
 
 from __future__ import annotations
