@@ -11,9 +11,10 @@ Jobs (each is *our* program, built by the same functions training uses, on abstr
             ``max_prompt_tokens + max_teaching_tokens``, plus the reference-log-prob scoring pass (beta > 0);
             the reference parameters (an fp32 copy) are counted as resident memory.
   - sample: what ``JaxSampler.generate`` runs in the GRPO loop: the rollout copy (``engine.jax_rollout_copy``:
-            compute-dtype matrices laid out by ``DECODE_RULES``, built from the fp32 FSDP master), then the prefill
-            of ``problems_per_step`` prompts (× G samples, rows padded to the mesh) and the decode loop from that
-            copy (``jax_sampler.compiled_programs``), cache sized for the prompt + teaching buckets.
+            compute-dtype matrices, one array per layer, laid out by ``DECODE_RULES``, built from the fp32 FSDP
+            master), then the prefill of ``problems_per_step`` prompts (× G samples, rows padded to the mesh)
+            and the decode loop from that copy (``jax_sampler.compiled_programs``), cache sized for the prompt +
+            teaching buckets.
 Per program it prints per-device bytes (arguments, outputs, aliased, temporaries, peak = args + out - alias +
 temp, and *resident*: what the run holds meanwhile that is not an argument, e.g. the reference params during the
 GRPO update, the train state during reference scoring and sampling), XLA's FLOP count (a scan/while body is counted once), the model FLOPs per step (6·N·tokens for training,
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -332,7 +334,7 @@ def _train_programs(config, cfg, mesh, job: str, micro_batch: int | None) -> tup
 
 def _sample_programs(config, cfg, mesh) -> tuple[list[Program], dict]:
     """The sampler as the GRPO run drives it: the rollout copy (``engine.jax_rollout_copy``: floating matrices in
-    ``cfg.dtype``, laid out by ``jax_sampler.DECODE_RULES``) built from the fp32 FSDP master by one program, then
+    ``cfg.dtype``, one array per layer, laid out by ``jax_sampler.DECODE_RULES``) built from the fp32 FSDP master by one program, then
     prefill + decode from that copy, with the row padding and prompt/length buckets of ``JaxSampler.generate``.
     Resident meanwhile: the train state (master params + optimiser state) and the reference params (beta > 0)."""
     import jax
@@ -359,8 +361,8 @@ def _sample_programs(config, cfg, mesh) -> tuple[list[Program], dict]:
     programs: list[Program] = []
     if copy_from_master:
         copy_sh = jax_sampler.rollout_shardings(params_state, mesh)
-        cast = jax_sampler._to_dtype(jnp.dtype(cfg.dtype))
-        copy_fn = jax.jit(lambda s: jax.tree.map(cast, s), out_shardings=copy_sh)
+        unstack = functools.partial(jax_sampler.unstack_layers, dtype=jnp.dtype(cfg.dtype))
+        copy_fn = jax.jit(unstack, out_shardings=copy_sh)
         with jax.set_mesh(mesh):
             programs.append(_program("rollout_copy", copy_fn.lower(master), 0.0))
             weights = jax.tree.map(_sds, jax.eval_shape(copy_fn, master), copy_sh)

@@ -1,5 +1,5 @@
-"""The JAX sampler's rollout layout on the 8-device fake CPU mesh (conftest): the compute-dtype copy it decodes
-from, its shardings, its refresh, rows padded to the mesh, and the prompt bucket.
+"""The JAX sampler's rollout layout on the 8-device fake CPU mesh (conftest): the compute-dtype, per-layer copy it
+decodes from, its shardings, its refresh, rows padded to the mesh, and the prompt bucket.
 
 Model: a tiny random Qwen3 (hidden 64, 2 heads of 32, 1 kv head, MLP 160, vocab 320) with weights of scale
 0.15, so greedy decoding has no near-ties. References: the same weights decoded without a mesh and without
@@ -56,7 +56,12 @@ def _spec(x: jax.Array) -> PartitionSpec:
     return x.sharding.spec
 
 
-def test_rollout_copy_is_compute_dtype_tensor_parallel_and_refreshed(mesh):
+def _arrays(value) -> tuple[jax.Array, ...]:
+    """A copy leaf's arrays: the ``L`` per-layer arrays of a decoder-layer Variable, or the one array."""
+    return value if isinstance(value, tuple) else (value,)
+
+
+def test_rollout_copy_is_compute_dtype_tensor_parallel_per_layer_and_refreshed(mesh):
     cfg = _cfg("bfloat16")
     model = build_model(cfg, _flat(cfg), mesh=mesh)
     master = flatten(model)
@@ -66,16 +71,23 @@ def test_rollout_copy_is_compute_dtype_tensor_parallel_and_refreshed(mesh):
     copy = flatten(eng.rollout_params())
     assert eng.reshard_seconds > 0.0
     assert set(copy) == set(master)
-    for k, x in copy.items():
-        # Matrices in the compute dtype; norm scales (1-D) stay fp32 (the model applies them in fp32).
-        want = jnp.bfloat16 if x.ndim >= 2 else jnp.float32
-        assert x.dtype == want, (k, x.dtype)
-        assert "fsdp" not in jax.tree.leaves(tuple(_spec(x))), (k, _spec(x))
-        np.testing.assert_array_equal(
-            np.asarray(x.astype(jnp.float32)), np.asarray(master[k].astype(want).astype(jnp.float32))
-        )
+    for k, value in copy.items():
+        # Decoder-layer parameters: one array per layer (no stacked [L, ...] array left to slice per step).
+        stacked = k.startswith("layers/")
+        assert isinstance(value, tuple) == stacked, k
+        refs = [master[k][i] for i in range(cfg.num_layers)] if stacked else [master[k]]
+        assert len(_arrays(value)) == len(refs), k
+        for x, ref in zip(_arrays(value), refs, strict=True):
+            # Matrices in the compute dtype; norm scales (1-D) stay fp32 (the model applies them in fp32).
+            want = jnp.bfloat16 if x.ndim >= 2 else jnp.float32
+            assert x.dtype == want and x.shape == ref.shape, (k, x.dtype, x.shape)
+            assert "fsdp" not in jax.tree.leaves(tuple(_spec(x))), (k, _spec(x))
+            assert x.sharding.mesh.shape == mesh.shape
+            np.testing.assert_array_equal(
+                np.asarray(x.astype(jnp.float32)), np.asarray(ref.astype(want).astype(jnp.float32))
+            )
     # Hand-derived layouts: heads / MLP / vocab over "tensor" (size 2 divides them), the rest replicated
-    # (1 kv head does not divide). Per-layer tensors are found by suffix (stacked or per-layer paths).
+    # (1 kv head does not divide). Per-layer tensors are found by suffix; every layer has the same layout.
     expected = {
         "embed/embedding": ("tensor", None),
         "mlp/gate_proj/kernel": (None, "tensor"),
@@ -86,11 +98,10 @@ def test_rollout_copy_is_compute_dtype_tensor_parallel_and_refreshed(mesh):
     }
     for suffix, want in expected.items():
         key = min(k for k in copy if k.endswith(suffix))
-        spec = tuple(_spec(copy[key])) + (None,) * (copy[key].ndim - len(_spec(copy[key])))
-        assert spec[len(spec) - len(want) :] == want, (key, spec)
-        assert all(a is None for a in spec[: len(spec) - len(want)]), (key, spec)  # a stacked layer axis
-    for x in copy.values():
-        assert x.sharding.mesh.shape == mesh.shape
+        for x in _arrays(copy[key]):
+            assert x.ndim == len(want), (key, x.shape)
+            spec = tuple(_spec(x)) + (None,) * (x.ndim - len(_spec(x)))
+            assert spec == want, (key, spec)
     # Reused while the source arrays are the same; rebuilt when they change.
     again = eng.rollout_params()
     assert eng.reshard_seconds == 0.0
@@ -103,13 +114,45 @@ def test_rollout_copy_is_compute_dtype_tensor_parallel_and_refreshed(mesh):
     )
 
 
-def test_no_copy_when_params_already_fit():
+def test_copy_without_a_mesh_is_per_layer_and_exact_and_can_be_turned_off():
     cfg = _cfg("float32")
     model = build_model(cfg, _flat(cfg))
-    eng = JaxSampler(model, None)
-    used, source = jax.tree.leaves(eng.rollout_params()), jax.tree.leaves(nnx.state(model))
-    assert all(a is b for a, b in zip(used, source, strict=True))  # fp32 in, fp32 compute, no mesh: as is
-    assert eng.reshard_seconds == 0.0
+    source = flatten(model)
+    copy = flatten(JaxSampler(model, None).rollout_params())  # fp32 in, fp32 compute: only unstacked
+    q = copy["layers/attn/q_proj/kernel"]
+    assert isinstance(q, tuple) and len(q) == cfg.num_layers
+    for k, value in copy.items():
+        refs = [source[k][i] for i in range(cfg.num_layers)] if isinstance(value, tuple) else [source[k]]
+        for x, ref in zip(_arrays(value), refs, strict=True):
+            assert x.dtype == ref.dtype
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(ref))
+    plain = JaxSampler(model, None, rollout_copy=False)
+    used, leaves = jax.tree.leaves(plain.rollout_params()), jax.tree.leaves(nnx.state(model))
+    assert all(a is b for a, b in zip(used, leaves, strict=True))  # rollout_copy=False: as is, no memory
+    assert plain.reshard_seconds == 0.0
+
+
+def test_decoder_runs_an_unstacked_state_like_the_stacked_one():
+    """`Decoder` given per-layer tuples (the rollout copy) computes what the stacked parameters compute, on the
+    training path (tuples stacked for the scan) and on the per-layer-cache path (each layer's array used
+    directly). fp32; 1e-5 on values up to ~3 (unrolled and scanned layers fuse their float32 ops differently)."""
+    from atlas_jax.engines.jax_sampler import rollout_copy
+    from atlas_jax.models.kv_cache import KVCache
+
+    cfg = _cfg("float32")
+    model = build_model(cfg, _flat(cfg))
+    graphdef, state = nnx.split(model)
+    unstacked = nnx.merge(graphdef, rollout_copy(state, cfg.dtype, None))
+    ids = jnp.asarray([[0, 0, 5, 17, 42], [7, 8, 9, 10, 11]], jnp.int32)
+    mask = (ids > 0).astype(jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    want, _ = model(ids, positions, mask)
+    got, _ = unstacked(ids, positions, mask)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    per_layer = KVCache.init(cfg, 2, 8).split_layers()
+    want_h, _ = model.hidden_states(ids, positions, mask, per_layer)
+    got_h, _ = unstacked.hidden_states(ids, positions, mask, per_layer)
+    np.testing.assert_allclose(np.asarray(got_h), np.asarray(want_h), atol=1e-5)
 
 
 @pytest.mark.parametrize(("dtype", "atol"), [("float32", 1e-4), ("bfloat16", 1e-1)])

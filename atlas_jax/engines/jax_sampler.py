@@ -9,12 +9,13 @@ donated.
 
 Rollout layout. Decoding from the training layout would cast every fp32 master weight to the compute
 dtype at every token and, under FSDP, all-gather every weight at every token. So the sampler decodes from
-a *rollout copy* (`rollout_copy`): weight matrices cast to ``cfg.dtype`` and everything resharded with
-`DECODE_RULES` (tensor-parallel over the mesh's ``tensor`` axis, replicated over ``data``/``fsdp``). The
-copy is rebuilt whenever the parameters it was made from change (``update_weights``, or new arrays in a
-live module: checked by identity at each ``generate``) and reused otherwise; ``reshard_seconds`` is the
-time the last rebuild took (0.0 when reused), logged per GRPO step as ``time/reshard``. When the copy
-would equal the source (no mesh, parameters already in the compute dtype) the source is used as is.
+a *rollout copy* (`rollout_copy`): weight matrices cast to ``cfg.dtype``, everything resharded with
+`DECODE_RULES` (tensor-parallel over the mesh's ``tensor`` axis, replicated over ``data``/``fsdp``), and the
+stacked ``[L, ...]`` layer parameters split into ``L`` per-layer arrays (`unstack_layers`: a step then slices
+no weights). The copy is rebuilt whenever the parameters it was made from change (``update_weights``, or new
+arrays in a live module: checked by identity at each ``generate``) and reused otherwise; ``reshard_seconds``
+is the time the last rebuild took (0.0 when reused), logged per GRPO step as ``time/reshard``. It costs one
+model in the compute dtype of memory; ``rollout_copy=False`` decodes from the parameters as they are.
 
 Compilation. Shapes are bucketed so repeated calls reuse two compiled programs per bucket:
 prompts per call and prompt length round up to powers of two (min 1 and ``prompt_bucket``), ``max_tokens``
@@ -97,17 +98,36 @@ def bucket(x: int, minimum: int) -> int:
     return 1 << (v - 1).bit_length()
 
 
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _stacked(path: tuple) -> bool:
+    """A decoder-layer parameter (``layers/...``: leading ``[L]`` axis in the model's own layout)."""
+    return bool(path) and getattr(path[0], "key", None) == "layers"
+
+
 def rollout_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
-    """`NamedSharding` of each leaf of ``state`` under `DECODE_RULES` (leaves without logical axes replicate)."""
+    """`NamedSharding` of each leaf of `rollout_copy` ``(state)`` under `DECODE_RULES`.
+
+    A decoder-layer Variable gets a tuple of ``L`` per-layer shardings (its logical axes without "layers");
+    leaves without logical axes replicate.
+    """
     sizes = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
 
-    def one(v: nnx.Variable) -> nnx.Variable:
+    def sharding(axes, shape) -> NamedSharding:
+        spec = PartitionSpec() if axes is None else spec_for(axes, shape, sizes, DECODE_RULES)
+        return NamedSharding(mesh, spec)
+
+    def one(path: tuple, v: nnx.Variable) -> nnx.Variable:
         axes = v.get_metadata().get(LOGICAL_AXES_KEY)
         shape = v.get_value().shape
-        spec = PartitionSpec() if axes is None else spec_for(axes, shape, sizes, DECODE_RULES)
-        return v.replace(NamedSharding(mesh, spec))
+        if not _stacked(path):
+            return v.replace(sharding(axes, shape))
+        layer = sharding(None if axes is None else axes[1:], shape[1:])
+        return v.replace((layer,) * shape[0])
 
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_variable)
 
 
 def _castable(x: jax.Array, dtype: jnp.dtype) -> bool:
@@ -123,15 +143,35 @@ def _to_dtype(dtype: jnp.dtype):
     return cast
 
 
+def unstack_layers(state: nnx.State, dtype: jnp.dtype | str) -> nnx.State:
+    """``state`` with floating matrices cast to ``dtype`` and each decoder-layer Variable holding a tuple of ``L``
+    per-layer arrays instead of one ``[L, ...]`` array (a pure function; jit it).
+
+    Why: decoding from stacked parameters makes every layer of every step take a slice ``w[i]`` of each
+    weight, and XLA:CPU materialises those slices (measured: 10 copies per layer per step, ~30% of a decode
+    step of the peer model). Sliced once here, a step reads the arrays as they are.
+    `Decoder` runs such a state like the stacked one (`Decoder._run_layers`).
+    """
+    cast = _to_dtype(jnp.dtype(dtype))
+
+    def one(path: tuple, v: nnx.Variable) -> nnx.Variable:
+        x = v.get_value()
+        if not _stacked(path):
+            return v.replace(cast(x))
+        return v.replace(tuple(cast(x[i]) for i in range(x.shape[0])))
+
+    return jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_variable)
+
+
 def rollout_copy(state: nnx.State, dtype: jnp.dtype | str, mesh: Mesh | None) -> nnx.State:
-    """The parameters the sampler decodes from: floating matrices cast to ``dtype``, laid out by `DECODE_RULES`.
+    """The parameters the sampler decodes from: `unstack_layers` of ``state``, laid out by `DECODE_RULES`.
 
     A new array per leaf (the source is never aliased or donated), made by one jitted program per layout.
     """
-    cast = _to_dtype(jnp.dtype(dtype))
+    fn = functools.partial(unstack_layers, dtype=jnp.dtype(dtype))
     if mesh is None:
-        return jax.jit(lambda s: jax.tree.map(cast, s))(state)
-    return jax.jit(lambda s: jax.tree.map(cast, s), out_shardings=rollout_shardings(state, mesh))(state)
+        return jax.jit(fn)(state)
+    return jax.jit(fn, out_shardings=rollout_shardings(state, mesh))(state)
 
 
 def _uniforms(keys: jax.Array, step: jax.Array) -> jax.Array:
@@ -345,28 +385,15 @@ class JaxSampler(Engine):
         self._state, self._live = params, None
         self.rollout_params()  # refresh the rollout copy now (timed as reshard_seconds)
 
-    def _needs_copy(self, state: nnx.State) -> bool:
-        """A leaf is not in the compute dtype, or not laid out as `DECODE_RULES` lay it out on the mesh."""
-        if not self._rollout_copy:
-            return False
-        dtype = jnp.dtype(self.cfg.dtype)
-        leaves = jax.tree.leaves(state)
-        if any(_castable(x, dtype) for x in leaves):
-            return True
-        if self.mesh is None:
-            return False
-        targets = jax.tree.leaves(rollout_shardings(state, self.mesh))
-        return any(not x.sharding.is_equivalent_to(t, x.ndim) for x, t in zip(leaves, targets, strict=True))
-
     def rollout_params(self) -> nnx.State:
         """The parameters ``generate`` decodes from: the rollout copy of `params` (rebuilt if they changed).
 
         Sets ``reshard_seconds`` to the rebuild time (blocking until the copy exists), or 0.0 when the
-        copy of the same source arrays is reused or no copy is needed.
+        copy of the same source arrays is reused or the sampler was built with ``rollout_copy=False``.
         """
         state = self.params
         self.reshard_seconds = 0.0
-        if not self._needs_copy(state):
+        if not self._rollout_copy:
             self._copy = None
             return state
         leaves = jax.tree.leaves(state)

@@ -65,6 +65,13 @@ def _stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
     return layers
 
 
+def _map_variables(fn, state: nnx.State) -> nnx.State:
+    """``state`` with each Variable's value (an array, or a tuple of per-layer arrays) replaced by ``fn(value)``."""
+    return jax.tree.map(
+        lambda v: v.replace(fn(v.get_value())), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+
+
 class Decoder(nnx.Module):
     """Embedding -> L decoder layers -> final RMSNorm -> (tied or untied) unembedding.
 
@@ -142,7 +149,13 @@ class Decoder(nnx.Module):
         return hidden, KVCache(k=kv[0], v=kv[1], mask=ctx.slot_mask_bs, index=cache.index + t)
 
     def _run_layers(self, x_btd, cos, sin, ctx: AttentionContext, kv):
-        """Applies the L layers: ``lax.scan`` over the stacked parameters (carry: activations and cache)."""
+        """Applies the L layers: ``lax.scan`` over the stacked parameters (carry: activations and cache).
+
+        A Variable of ``self.layers`` may hold a tuple of ``L`` per-layer arrays instead of one ``[L, ...]``
+        array (the sampler's rollout copy, `jax_sampler.unstack_layers`): with a per-layer cache the
+        unrolled loop picks layer ``i``'s array (no slice of a stacked weight per step); otherwise the
+        tuples are stacked.
+        """
         cfg = self.cfg
         graphdef, state = nnx.split(self.layers)
 
@@ -160,9 +173,10 @@ class Decoder(nnx.Module):
         if kv is not None and isinstance(kv[0], tuple):  # per-layer cache: unrolled, each buffer in place
             ks, vs = list(kv[0]), list(kv[1])
             for i in range(cfg.num_layers):
-                layer_state = jax.tree.map(lambda a, i=i: a[i], state)
+                layer_state = _map_variables(lambda x, i=i: x[i], state)
                 (x_btd, (ks[i], vs[i])), _ = body((x_btd, (ks[i], vs[i])), (layer_state, None))
             return x_btd, (tuple(ks), tuple(vs))
+        state = _map_variables(lambda x: jnp.stack(x) if isinstance(x, tuple) else x, state)
         if cfg.scan_layers:
             (x_btd, kv), _ = jax.lax.scan(body, (x_btd, kv), (state, layer_ids))
             return x_btd, kv
