@@ -70,14 +70,14 @@ def test_decode_attends_over_the_filled_slots_only(dtype, atol):
     s = 20
     q, k, v = _qkv(dtype, s=s)
     q1 = q[:, :1]
-    # the cache layout: k and v [B, K, S, H]
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    # the cache layout: k [B, K, H, S], v [B, K, S, H]
+    k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
     slot_mask = jnp.asarray(np.arange(s)[None, :] >= np.array([[3], [0], [5]]))  # left pads per row
     index = jnp.int32(10)  # slots 0..10 filled; 11.. hold garbage
     want = attention.cached_attention(q1, k, v, slot_mask, index, impl="dense", dtype=dtype)
     got = attention.cached_attention(q1, k, v, slot_mask, index, impl="xla", dtype=dtype)
     assert float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32)))) <= atol
-    garbage = k.at[:, :, 11:].set(50.0), v.at[:, :, 11:].set(50.0)
+    garbage = k.at[:, :, :, 11:].set(50.0), v.at[:, :, 11:].set(50.0)
     again = attention.cached_attention(q1, *garbage, slot_mask, index, impl="xla", dtype=dtype)
     np.testing.assert_allclose(np.asarray(again, np.float32), np.asarray(got, np.float32), atol=1e-6)
 

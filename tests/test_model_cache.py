@@ -31,8 +31,10 @@ def test_prefill_then_decode_matches_full_forward(family, tmp_path):
 
     prefill = 5  # rows 2 (3 tokens) and 1 (7 tokens) are still all padding / partly padding here
     cache = KVCache.init(cfg, batch=ids.shape[0], max_len=ids.shape[1] + 3)
-    assert cache.k.shape == (cfg.num_layers, 4, cfg.num_kv_heads, 14, cfg.head_dim)  # kv-head major
-    assert cache.v.shape == cache.k.shape  # values laid out as keys
+    layers, kv, h = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    assert cache.k.shape == (layers, 4, kv, h, 14)  # kv-head major, slots last
+    assert cache.v.shape == (layers, 4, kv, 14, h)  # values: slots, then head dim
+    assert cache.max_len == 14
     chunks = []
     logits, cache = _step(model, *(jnp.asarray(x[:, :prefill]) for x in (ids, positions, mask)), cache)
     chunks.append(np.asarray(logits))

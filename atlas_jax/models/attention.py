@@ -101,7 +101,7 @@ def self_attention(
 
 def cached_attention(
     q_btnh: Float[Array, "b t n h"],
-    k_bksh: Float[Array, "b k s h"],
+    k_bkhs: Float[Array, "b k h s"],
     v_bksh: Float[Array, "b k s h"],
     slot_mask_bs: Array,
     index: Int[Array, ""],
@@ -111,27 +111,27 @@ def cached_attention(
 ) -> Float[Array, "b t n h"]:
     """Queries at slots ``index + t`` over the cache: slots s <= index + t with ``slot_mask[b, s]``.
 
-    With the cache layout (`KVCache`: keys and values ``[B,K,S,H]``) both products are batched matmuls over
-    ``(b, k)`` on each head's ``[S,H]`` block as it lies in the cache, with the T x G queries of a kv head
-    as the rows of one matrix (q = (t, g)): ``logits[b,k,q,s] = q[b,k,q,:]·k[b,k,s,:] / sqrt(H)``, a float32
+    With the cache layout (`KVCache`: keys ``[B,K,H,S]``, values ``[B,K,S,H]``) both products are batched
+    matmuls over ``(b, k)`` on each head's block as it lies in the cache, with the T x G queries of a kv head
+    as the rows of one matrix (q = (t, g)): ``logits[b,k,q,s] = Σ_h q[b,k,q,h]·k[b,k,h,s] / sqrt(H)``, a float32
     softmax over the allowed slots, then ``out[b,k,q,:] = Σ_s p[b,k,q,s]·v[b,k,s,:]``, float32 accumulation.
     The operands are in ``promote(cache dtype, dtype)``, so the float32 cache the sampler keeps for 16-bit
     compute on the CPU (`KVCache.storage_dtype`) is read as it is. ``impl="dense"`` is the reference path
     (`_dense` on the ``[B,S,K,H]`` transposes); every other choice uses this one.
     """
-    t, s = q_btnh.shape[1], k_bksh.shape[2]
+    t, s = q_btnh.shape[1], k_bkhs.shape[3]
     q_slot_t = index + jnp.arange(t, dtype=jnp.int32)
     filled_ts = jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slot_t[:, None]
     allowed_bts = filled_ts[None, :, :] & slot_mask_bs.astype(jnp.bool_)[:, None, :]
     if resolve(impl, dtype) == "dense":
-        k_bskh, v_bskh = k_bksh.transpose(0, 2, 1, 3), v_bksh.transpose(0, 2, 1, 3)
+        k_bskh, v_bskh = k_bkhs.transpose(0, 3, 1, 2), v_bksh.transpose(0, 2, 1, 3)
         return _dense(q_btnh, k_bskh, v_bskh, allowed_bts, dtype)
     b, _, n, h = q_btnh.shape
-    kh = k_bksh.shape[1]
+    kh = k_bkhs.shape[1]
     g = n // kh
-    cdt = jnp.promote_types(k_bksh.dtype, dtype)  # an f32 cache (`KVCache.storage_dtype`) is read as f32
+    cdt = jnp.promote_types(k_bkhs.dtype, dtype)  # an f32 cache (`KVCache.storage_dtype`) is read as f32
     q_bkqh = q_btnh.astype(cdt).reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, h)
-    scores = jnp.einsum("bkqh,bksh->bkqs", q_bkqh, k_bksh.astype(cdt), preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bkqh,bkhs->bkqs", q_bkqh, k_bkhs.astype(cdt), preferred_element_type=jnp.float32)
     logits = scores * (h**-0.5)
     allowed_bkqs = jnp.broadcast_to(allowed_bts[:, None, :, None, :], (b, 1, t, g, s)).reshape(b, 1, t * g, s)
     logits = jnp.where(allowed_bkqs, logits, NEG_INF)

@@ -206,21 +206,23 @@ class Attention(nnx.Module):
         if kv is not None:
             k_all, v_all = kv
             zero = jnp.zeros((), jnp.int32)
-            k_new, v_new = k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3)  # both [B,K,T,H]
-            start = (zero, zero, ctx.index.astype(jnp.int32), zero)
+            k_new, v_new = k_btkh.transpose(0, 2, 3, 1), v_btkh.transpose(0, 2, 1, 3)  # [B,K,H,T], [B,K,T,H]
+            index = ctx.index.astype(jnp.int32)
+            k_start, v_start = (zero, zero, zero, index), (zero, zero, index, zero)
             if layer is not None:  # stacked buffers: write layer ``layer``'s slice
-                start = (jnp.asarray(layer, jnp.int32), *start)
+                layer_i = jnp.asarray(layer, jnp.int32)
+                k_start, v_start = (layer_i, *k_start), (layer_i, *v_start)
                 k_new, v_new = k_new[None], v_new[None]
-            k_all, v_all = write_slots(k_all, k_new, start), write_slots(v_all, v_new, start)
+            k_all, v_all = write_slots(k_all, k_new, k_start), write_slots(v_all, v_new, v_start)
             kv = (k_all, v_all)
         if kv is None or ctx.prefill:
             out_btnh = attention.self_attention(q_btnh, k_btkh, v_btkh, ctx.segment_bt, **kw)
         elif layer is None:
             out_btnh = attention.cached_attention(q_btnh, kv[0], kv[1], ctx.slot_mask_bs, ctx.index, **kw)
         else:
-            k_bksh = jax.lax.dynamic_index_in_dim(kv[0], layer, axis=0, keepdims=False)
+            k_bkhs = jax.lax.dynamic_index_in_dim(kv[0], layer, axis=0, keepdims=False)
             v_bksh = jax.lax.dynamic_index_in_dim(kv[1], layer, axis=0, keepdims=False)
-            out_btnh = attention.cached_attention(q_btnh, k_bksh, v_bksh, ctx.slot_mask_bs, ctx.index, **kw)
+            out_btnh = attention.cached_attention(q_btnh, k_bkhs, v_bksh, ctx.slot_mask_bs, ctx.index, **kw)
         return einsum("btnh,nhd->btd", out_btnh, self.o_proj.kernel.get_value(), self.dtype), kv
 
 
