@@ -360,9 +360,12 @@ def _sample_programs(config, cfg, mesh) -> tuple[list[Program], dict]:
     n_params = sum(math.prod(v.shape) for k, v in flat_master.items() if k in _param_keys(abstract))
     programs: list[Program] = []
     if copy_from_master:
-        copy_sh = jax_sampler.rollout_shardings(params_state, mesh)
-        unstack = functools.partial(jax_sampler.unstack_layers, dtype=jnp.dtype(cfg.dtype))
-        copy_fn = jax.jit(unstack, out_shardings=copy_sh)
+        transpose = jax_sampler.transposes_table(cfg, mesh.devices.flat[0].platform)
+        copy_sh = jax_sampler.rollout_shardings(params_state, mesh, transpose_table=transpose)
+        layout = functools.partial(
+            jax_sampler.decode_layout, dtype=jnp.dtype(cfg.dtype), transpose_table=transpose
+        )
+        copy_fn = jax.jit(layout, out_shardings=copy_sh)
         with jax.set_mesh(mesh):
             programs.append(_program("rollout_copy", copy_fn.lower(master), 0.0))
             weights = jax.tree.map(_sds, jax.eval_shape(copy_fn, master), copy_sh)

@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec
 from atlas_jax.engines.base import SamplingParams
 from atlas_jax.engines.jax_sampler import JaxSampler
 from atlas_jax.models.config import ModelConfig
+from atlas_jax.models.decoder import TransposedTable
 from atlas_jax.models.params import build_model, flatten
 from atlas_jax.models.sharding import make_mesh
 from converters import mapping
@@ -57,8 +58,18 @@ def _spec(x: jax.Array) -> PartitionSpec:
 
 
 def _arrays(value) -> tuple[jax.Array, ...]:
-    """A copy leaf's arrays: the ``L`` per-layer arrays of a decoder-layer Variable, or the one array."""
+    """A copy leaf's arrays: the ``L`` per-layer arrays of a decoder-layer Variable, the ``[D, V]`` array of a
+    transposed table, or the one array."""
+    if isinstance(value, TransposedTable):
+        return (value.dv,)
     return value if isinstance(value, tuple) else (value,)
+
+
+def _refs(master: dict, k: str, value, layers: int) -> list[jax.Array]:
+    """What the copy's arrays at ``k`` hold, from the source parameters."""
+    if isinstance(value, TransposedTable):
+        return [master[k].T]
+    return [master[k][i] for i in range(layers)] if isinstance(value, tuple) else [master[k]]
 
 
 def test_rollout_copy_is_compute_dtype_tensor_parallel_per_layer_and_refreshed(mesh):
@@ -75,7 +86,7 @@ def test_rollout_copy_is_compute_dtype_tensor_parallel_per_layer_and_refreshed(m
         # Decoder-layer parameters: one array per layer (no stacked [L, ...] array left to slice per step).
         stacked = k.startswith("layers/")
         assert isinstance(value, tuple) == stacked, k
-        refs = [master[k][i] for i in range(cfg.num_layers)] if stacked else [master[k]]
+        refs = _refs(master, k, value, cfg.num_layers)
         assert len(_arrays(value)) == len(refs), k
         for x, ref in zip(_arrays(value), refs, strict=True):
             # Matrices in the compute dtype; norm scales (1-D) stay fp32 (the model applies them in fp32).
@@ -86,10 +97,12 @@ def test_rollout_copy_is_compute_dtype_tensor_parallel_per_layer_and_refreshed(m
             np.testing.assert_array_equal(
                 np.asarray(x.astype(jnp.float32)), np.asarray(ref.astype(want).astype(jnp.float32))
             )
+    # The tied table is stored transposed on the CPU (TransposedTable [D, V]).
+    assert isinstance(copy["embed/embedding"], TransposedTable)
     # Hand-derived layouts: heads / MLP / vocab over "tensor" (size 2 divides them), the rest replicated
     # (1 kv head does not divide). Per-layer tensors are found by suffix; every layer has the same layout.
     expected = {
-        "embed/embedding": ("tensor", None),
+        "embed/embedding": (None, "tensor"),
         "mlp/gate_proj/kernel": (None, "tensor"),
         "mlp/down_proj/kernel": ("tensor", None),
         "attn/q_proj/kernel": (None, "tensor", None),
@@ -105,7 +118,7 @@ def test_rollout_copy_is_compute_dtype_tensor_parallel_per_layer_and_refreshed(m
     # Reused while the source arrays are the same; rebuilt when they change.
     again = eng.rollout_params()
     assert eng.reshard_seconds == 0.0
-    assert flatten(again)["embed/embedding"] is copy["embed/embedding"]
+    assert _arrays(flatten(again)["embed/embedding"])[0] is _arrays(copy["embed/embedding"])[0]
     eng.update_weights({k: v * 2 for k, v in master.items()})
     assert eng.reshard_seconds > 0.0
     doubled = flatten(eng.rollout_params())["final_norm/scale"]
@@ -121,8 +134,9 @@ def test_copy_without_a_mesh_is_per_layer_and_exact_and_can_be_turned_off():
     copy = flatten(JaxSampler(model, None).rollout_params())  # fp32 in, fp32 compute: only unstacked
     q = copy["layers/attn/q_proj/kernel"]
     assert isinstance(q, tuple) and len(q) == cfg.num_layers
+    assert isinstance(copy["embed/embedding"], TransposedTable)  # tied, on the CPU
     for k, value in copy.items():
-        refs = [source[k][i] for i in range(cfg.num_layers)] if isinstance(value, tuple) else [source[k]]
+        refs = _refs(source, k, value, cfg.num_layers)
         for x, ref in zip(_arrays(value), refs, strict=True):
             assert x.dtype == ref.dtype
             np.testing.assert_array_equal(np.asarray(x), np.asarray(ref))
@@ -133,16 +147,18 @@ def test_copy_without_a_mesh_is_per_layer_and_exact_and_can_be_turned_off():
 
 
 def test_decoder_runs_an_unstacked_state_like_the_stacked_one():
-    """`Decoder` given per-layer tuples (the rollout copy) computes what the stacked parameters compute, on the
-    training path (tuples stacked for the scan) and on the per-layer-cache path (each layer's array used
-    directly). fp32; 1e-5 on values up to ~3 (unrolled and scanned layers fuse their float32 ops differently)."""
+    """`Decoder` given per-layer tuples and a transposed table (the rollout copy) computes what the model's own
+    parameters compute, on the training path (tuples stacked for the scan) and on the per-layer-cache path
+    (each layer's array used directly). fp32; 1e-5 on values up to ~3 (unrolled and scanned layers fuse their
+    float32 ops differently)."""
     from atlas_jax.engines.jax_sampler import rollout_copy
     from atlas_jax.models.kv_cache import KVCache
 
     cfg = _cfg("float32")
     model = build_model(cfg, _flat(cfg))
     graphdef, state = nnx.split(model)
-    unstacked = nnx.merge(graphdef, rollout_copy(state, cfg.dtype, None))
+    unstacked = nnx.merge(graphdef, rollout_copy(state, cfg.dtype, None, transpose_table=True))
+    assert isinstance(nnx.state(unstacked)["embed"]["embedding"].get_value(), TransposedTable)
     ids = jnp.asarray([[0, 0, 5, 17, 42], [7, 8, 9, 10, 11]], jnp.int32)
     mask = (ids > 0).astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)

@@ -10,12 +10,13 @@ donated.
 Rollout layout. Decoding from the training layout would cast every fp32 master weight to the compute
 dtype at every token and, under FSDP, all-gather every weight at every token. So the sampler decodes from
 a *rollout copy* (`rollout_copy`): weight matrices cast to ``cfg.dtype``, everything resharded with
-`DECODE_RULES` (tensor-parallel over the mesh's ``tensor`` axis, replicated over ``data``/``fsdp``), and the
-stacked ``[L, ...]`` layer parameters split into ``L`` per-layer arrays (`unstack_layers`: a step then slices
-no weights). The copy is rebuilt whenever the parameters it was made from change (``update_weights``, or new
-arrays in a live module: checked by identity at each ``generate``) and reused otherwise; ``reshard_seconds``
-is the time the last rebuild took (0.0 when reused), logged per GRPO step as ``time/reshard``. It costs one
-model in the compute dtype of memory; ``rollout_copy=False`` decodes from the parameters as they are.
+`DECODE_RULES` (tensor-parallel over the mesh's ``tensor`` axis, replicated over ``data``/``fsdp``), the
+stacked ``[L, ...]`` layer parameters split into ``L`` per-layer arrays (`decode_layout`: a step then slices
+no weights), and on the CPU a tied embedding table stored transposed (`TransposedTable`). The copy is
+rebuilt whenever the parameters it was made from change (``update_weights``, or new arrays in a live module:
+checked by identity at each ``generate``) and reused otherwise; ``reshard_seconds`` is the time the last
+rebuild took (0.0 when reused), logged per GRPO step as ``time/reshard``. It costs one model in the compute
+dtype of memory; ``rollout_copy=False`` decodes from the parameters as they are.
 
 Compilation. Shapes are bucketed so repeated calls reuse two compiled programs per bucket:
 prompts per call and prompt length round up to powers of two (min 1 and ``prompt_bucket``), ``max_tokens``
@@ -55,6 +56,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from atlas_jax import distributed
 from atlas_jax.engines.base import Completion, Engine, Prompt, SamplingParams
 from atlas_jax.engines.sampling import Strategy
+from atlas_jax.models.decoder import TransposedTable
 from atlas_jax.models.kv_cache import KVCache
 from atlas_jax.models.params import flatten, unflatten
 from atlas_jax.models.sharding import LOGICAL_AXES_KEY, RULES, spec_for
@@ -107,11 +109,16 @@ def _stacked(path: tuple) -> bool:
     return bool(path) and getattr(path[0], "key", None) == "layers"
 
 
-def rollout_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
-    """`NamedSharding` of each leaf of `rollout_copy` ``(state)`` under `DECODE_RULES`.
+def _embedding(path: tuple) -> bool:
+    """The token embedding table ``embed/embedding`` ``[V, D]``."""
+    return tuple(getattr(p, "key", None) for p in path) == ("embed", "embedding")
 
-    A decoder-layer Variable gets a tuple of ``L`` per-layer shardings (its logical axes without "layers");
-    leaves without logical axes replicate.
+
+def rollout_shardings(state: nnx.State, mesh: Mesh, *, transpose_table: bool = False) -> nnx.State:
+    """`NamedSharding` of each leaf of `decode_layout` ``(state, ..., transpose_table)`` under `DECODE_RULES`.
+
+    A decoder-layer Variable gets a tuple of ``L`` per-layer shardings (its logical axes without "layers"), a
+    transposed table a `TransposedTable` of the reversed axes; leaves without logical axes replicate.
     """
     sizes = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
 
@@ -122,6 +129,8 @@ def rollout_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
     def one(path: tuple, v: nnx.Variable) -> nnx.Variable:
         axes = v.get_metadata().get(LOGICAL_AXES_KEY)
         shape = v.get_value().shape
+        if transpose_table and _embedding(path):
+            return v.replace(TransposedTable(sharding(None if axes is None else axes[::-1], shape[::-1])))
         if not _stacked(path):
             return v.replace(sharding(axes, shape))
         layer = sharding(None if axes is None else axes[1:], shape[1:])
@@ -143,19 +152,27 @@ def _to_dtype(dtype: jnp.dtype):
     return cast
 
 
-def unstack_layers(state: nnx.State, dtype: jnp.dtype | str) -> nnx.State:
-    """``state`` with floating matrices cast to ``dtype`` and each decoder-layer Variable holding a tuple of ``L``
-    per-layer arrays instead of one ``[L, ...]`` array (a pure function; jit it).
+def transposes_table(cfg: Any, platform: str) -> bool:
+    """The rollout copy stores the embedding table transposed (`TransposedTable`): a tied table on the CPU."""
+    return bool(cfg.tie_word_embeddings) and platform == "cpu"
 
-    Why: decoding from stacked parameters makes every layer of every step take a slice ``w[i]`` of each
-    weight, and XLA:CPU materialises those slices (measured: 10 copies per layer per step, ~30% of a decode
-    step of the peer model). Sliced once here, a step reads the arrays as they are.
-    `Decoder` runs such a state like the stacked one (`Decoder._run_layers`).
+
+def decode_layout(state: nnx.State, dtype: jnp.dtype | str, transpose_table: bool = False) -> nnx.State:
+    """``state`` laid out for decoding (a pure function; jit it): floating matrices cast to ``dtype``, each
+    decoder-layer Variable holding a tuple of ``L`` per-layer arrays instead of one ``[L, ...]`` array, and
+    with ``transpose_table`` the embedding table as a `TransposedTable` (`transposes_table`).
+
+    Why per-layer arrays: decoding from stacked parameters makes every layer of every step take a slice
+    ``w[i]`` of each weight, and XLA:CPU materialises those slices (measured: 10 copies per layer per step,
+    ~30% of a decode step of the peer model). Sliced once here, a step reads the arrays as they are.
+    `Decoder` runs such a state like the model's own (`Decoder._run_layers`).
     """
     cast = _to_dtype(jnp.dtype(dtype))
 
     def one(path: tuple, v: nnx.Variable) -> nnx.Variable:
         x = v.get_value()
+        if transpose_table and _embedding(path):
+            return v.replace(TransposedTable(cast(x).T))
         if not _stacked(path):
             return v.replace(cast(x))
         return v.replace(tuple(cast(x[i]) for i in range(x.shape[0])))
@@ -163,15 +180,18 @@ def unstack_layers(state: nnx.State, dtype: jnp.dtype | str) -> nnx.State:
     return jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_variable)
 
 
-def rollout_copy(state: nnx.State, dtype: jnp.dtype | str, mesh: Mesh | None) -> nnx.State:
-    """The parameters the sampler decodes from: `unstack_layers` of ``state``, laid out by `DECODE_RULES`.
+def rollout_copy(
+    state: nnx.State, dtype: jnp.dtype | str, mesh: Mesh | None, *, transpose_table: bool = False
+) -> nnx.State:
+    """The parameters the sampler decodes from: `decode_layout` of ``state``, laid out by `DECODE_RULES`.
 
     A new array per leaf (the source is never aliased or donated), made by one jitted program per layout.
     """
-    fn = functools.partial(unstack_layers, dtype=jnp.dtype(dtype))
+    fn = functools.partial(decode_layout, dtype=jnp.dtype(dtype), transpose_table=transpose_table)
     if mesh is None:
         return jax.jit(fn)(state)
-    return jax.jit(fn, out_shardings=rollout_shardings(state, mesh))(state)
+    shardings = rollout_shardings(state, mesh, transpose_table=transpose_table)
+    return jax.jit(fn, out_shardings=shardings)(state)
 
 
 def _uniforms(keys: jax.Array, step: jax.Array) -> jax.Array:
@@ -343,6 +363,7 @@ class JaxSampler(Engine):
         self._eos = () if ignore_eos else tuple(sorted(eos))
         sizes = {} if mesh is None else dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
         self._batch_axes = tuple(a for a in ("data", "fsdp") if sizes.get(a, 1) > 1)
+        self._platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
         self._batch_multiple = int(np.prod([sizes[a] for a in self._batch_axes]))
         self._seed_rng = np.random.default_rng()
         programs = compiled_programs(self._graphdef, mesh)
@@ -403,7 +424,9 @@ class JaxSampler(Engine):
         self._copy = None  # drop the old copy before building the new one (peak memory)
         t0 = time.perf_counter()
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            copy = jax.block_until_ready(rollout_copy(state, self.cfg.dtype, self.mesh))
+            transpose = transposes_table(self.cfg, self._platform)
+            copy = rollout_copy(state, self.cfg.dtype, self.mesh, transpose_table=transpose)
+            copy = jax.block_until_ready(copy)
         self.reshard_seconds = time.perf_counter() - t0
         self._copy = (leaves, copy)
         return copy

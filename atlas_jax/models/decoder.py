@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -14,6 +16,25 @@ from atlas_jax.models.layers import MLP, Attention, AttentionContext, RMSNorm, r
 from atlas_jax.models.sharding import LOGICAL_AXES_KEY, constrain, param
 
 _ACT_BTD = ("batch", "length", "act_embed")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TransposedTable:
+    """An embedding table ``E[V, D]`` stored as ``dv = Eᵀ [D, V]`` (a pytree; the value of ``embed/embedding``).
+
+    The JAX sampler's rollout copy on the CPU holds a tied table this way (`jax_sampler.decode_layout`): the
+    unembedding ``h·Eᵀ`` is then ``h·dv``, the plain ``[contract, out]`` matmul, which XLA:CPU runs ~1.5x
+    faster in fp32 at decode batch 16 on a 151,936 x 896 table (measured 35 -> 23 ms); the token lookup reads
+    columns of ``dv``. `Decoder` accepts either form.
+    """
+
+    dv: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The table's logical shape ``(V, D)``."""
+        return tuple(self.dv.shape[::-1])
 
 
 class DecoderLayer(nnx.Module):
@@ -140,8 +161,13 @@ class Decoder(nnx.Module):
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
         # Gather from a replicated table (an explicit FSDP all-gather) rather than let the partitioner
         # replicate the vocab/embed-sharded table implicitly for the batch-sharded lookup.
-        table_vd = constrain(self.embed.embedding.get_value(), ("act_vocab", "act_embed"))
-        x_btd = constrain(table_vd[input_ids].astype(dtype), _ACT_BTD)
+        table = self.embed.embedding.get_value()
+        if isinstance(table, TransposedTable):
+            table_dv = constrain(table.dv, ("act_embed", "act_vocab"))
+            x_btd = jnp.moveaxis(jnp.take(table_dv, input_ids, axis=1), 0, -1)
+        else:
+            x_btd = constrain(table, ("act_vocab", "act_embed"))[input_ids]
+        x_btd = constrain(x_btd.astype(dtype), _ACT_BTD)
         x_btd, kv = self._run_layers(x_btd, cos, sin, ctx, kv)
         hidden = self.final_norm(x_btd)
         if cache is None:
@@ -152,7 +178,7 @@ class Decoder(nnx.Module):
         """Applies the L layers: ``lax.scan`` over the stacked parameters (carry: activations and cache).
 
         A Variable of ``self.layers`` may hold a tuple of ``L`` per-layer arrays instead of one ``[L, ...]``
-        array (the sampler's rollout copy, `jax_sampler.unstack_layers`): with a per-layer cache the
+        array (the sampler's rollout copy, `jax_sampler.decode_layout`): with a per-layer cache the
         unrolled loop picks layer ``i``'s array (no slice of a stacked weight per step); otherwise the
         tuples are stacked.
         """
@@ -185,19 +211,17 @@ class Decoder(nnx.Module):
         return x_btd, kv
 
     def unembed(self, hidden: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
-        """Float32 logits: hidden · Eᵀ (tied) or hidden · W_lm_head."""
+        """Float32 logits: hidden · Eᵀ (tied; ``hidden · dv`` for a `TransposedTable`) or hidden · W_lm_head."""
         dtype = jnp.dtype(self.cfg.dtype)
         if self.cfg.tie_word_embeddings:
             w = self.embed.embedding.get_value()
-            out = jnp.einsum(
-                "btd,vd->btv", hidden.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32
-            )
+            if isinstance(w, TransposedTable):
+                spec, w = "btd,dv->btv", w.dv
+            else:
+                spec = "btd,vd->btv"
         else:
-            w = self.lm_head.kernel.get_value()
-            out = jnp.einsum(
-                "btd,dv->btv", hidden.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32
-            )
-        return out
+            spec, w = "btd,dv->btv", self.lm_head.kernel.get_value()
+        return jnp.einsum(spec, hidden.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
 
     def __call__(
         self,
@@ -236,4 +260,4 @@ class _LMHead(nnx.Module):
         )
 
 
-__all__ = ["Decoder", "DecoderLayer", "remat_policy"]
+__all__ = ["Decoder", "DecoderLayer", "TransposedTable", "remat_policy"]
