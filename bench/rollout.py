@@ -84,16 +84,18 @@ def jax_rollout(cfg, flat, prompts, args) -> dict[str, float]:
         one = SamplingParams(temperature=1.0, max_tokens=1, seed=0)
         out["prefill_s"] = _timed(lambda: engine.generate(prompts, one, n=args.n), args.reps)[0]
         out["step_ms"] = 1e3 * (times[0] - out["prefill_s"]) / (args.max_tokens - 1)
-        out["model_step_ms"] = _model_step_ms(model, len(prompts) * args.n, args)
+        out["model_step_ms"] = _model_step_ms(model, engine.rollout_params(), len(prompts) * args.n, args)
         out["devices"] = len(jax.devices())
     return out
 
 
-def _model_step_ms(model, batch: int, args) -> float:
-    """One jitted decode forward (+ unembed) of ``batch`` rows, no sampling, cache donated (in place).
+def _model_step_ms(model, weights, batch: int, args) -> float:
+    """One jitted decode forward (+ unembed) of ``batch`` rows from ``weights`` (the sampler's rollout copy),
+    no sampling, cache donated (in place).
 
     The cache has the sampler's slot count (prompt and max_tokens buckets), so ``step_ms -
-    model_step_ms`` is what the sampler adds per step (sampling, loop, bookkeeping).
+    model_step_ms`` is what the sampler adds per step (sampling, loop, bookkeeping) — up to the cost of one
+    jitted call per step here against a device-side loop in the sampler.
     """
     import jax
     import jax.numpy as jnp
@@ -102,7 +104,7 @@ def _model_step_ms(model, batch: int, args) -> float:
     from atlas_jax.engines.jax_sampler import bucket
     from atlas_jax.models.kv_cache import KVCache
 
-    graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(model)[0], weights
     slots = bucket(args.prompt_len, 16) + bucket(args.max_tokens, 16)
     cache = KVCache.init(model.cfg, batch, slots, KVCache.storage_dtype(model.cfg.dtype)).split_layers()
 

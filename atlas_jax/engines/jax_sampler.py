@@ -185,13 +185,19 @@ def rollout_copy(
 ) -> nnx.State:
     """The parameters the sampler decodes from: `decode_layout` of ``state``, laid out by `DECODE_RULES`.
 
-    A new array per leaf (the source is never aliased or donated), made by one jitted program per layout.
+    A new array per leaf (the source is never aliased or donated), made by one jitted program per layout,
+    compiled once per process for each (structure, shapes, dtype, mesh): every engine and every refresh of
+    one architecture reuses it.
     """
-    fn = functools.partial(decode_layout, dtype=jnp.dtype(dtype), transpose_table=transpose_table)
+    return _rollout_copy_jit(state, jnp.dtype(dtype), mesh, bool(transpose_table))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _rollout_copy_jit(state: nnx.State, dtype: jnp.dtype, mesh: Mesh | None, transpose_table: bool):
+    out = decode_layout(state, dtype, transpose_table)
     if mesh is None:
-        return jax.jit(fn)(state)
-    shardings = rollout_shardings(state, mesh, transpose_table=transpose_table)
-    return jax.jit(fn, out_shardings=shardings)(state)
+        return out
+    return jax.lax.with_sharding_constraint(out, rollout_shardings(state, mesh, transpose_table=transpose_table))
 
 
 def _uniforms(keys: jax.Array, step: jax.Array) -> jax.Array:
