@@ -197,7 +197,9 @@ def _rollout_copy_jit(state: nnx.State, dtype: jnp.dtype, mesh: Mesh | None, tra
     out = decode_layout(state, dtype, transpose_table)
     if mesh is None:
         return out
-    return jax.lax.with_sharding_constraint(out, rollout_shardings(state, mesh, transpose_table=transpose_table))
+    return jax.lax.with_sharding_constraint(
+        out, rollout_shardings(state, mesh, transpose_table=transpose_table)
+    )
 
 
 def _uniforms(keys: jax.Array, step: jax.Array) -> jax.Array:
