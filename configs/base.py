@@ -144,7 +144,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.engine.jax_preallocate = True  # XLA_PYTHON_CLIENT_PREALLOCATE: JAX reserves its share at start-up
     c.engine.jax_max_rows = 256  # JAX student: most rows (prompts x samples) per call, bounds its KV cache
     c.engine.jax_prompt_bucket = 16  # JAX sampler: prompt lengths round up to a power of two >= this
-    c.engine.jax_rollout_copy = True  # JAX teacher: decode from a compute-dtype, tensor-parallel copy
+    c.engine.jax_rollout_copy = True  # JAX teacher: decode from a compute-dtype, per-layer, TP copy
     c.engine.student_model = ""  # openai student: the request's model name ("" = model.student)
     c.engine.student_api = "completions"  # openai student: "completions" (raw prompts) or "chat" (messages)
     c.engine.concurrency = 8  # HTTP students: requests in flight (openai: per call)
