@@ -236,3 +236,24 @@ def test_per_layer_cache_decodes_like_the_stacked_cache():
         assert isinstance(cache.k, tuple) == split
         outs.append(np.stack([np.asarray(s) for s in steps]))
     np.testing.assert_allclose(outs[1], outs[0], atol=1e-5)
+
+
+def test_a_frozen_sampler_keeps_only_the_decode_layout_and_samples_the_same(mesh):
+    """`JaxSampler.frozen` (the student): its parameters are the decode layout (per-layer tuples, no stacked
+    source kept), no further copy is made, and it samples what an ordinary sampler of the same weights does
+    (fp32: tokens exact, log-probs 1e-4)."""
+    cfg = _cfg("float32")
+    flat = _flat(cfg)
+    frozen = JaxSampler.frozen(build_model(cfg, flat, mesh=mesh), None, mesh=mesh)
+    held = flatten(frozen.params)
+    assert isinstance(held["layers/mlp/up_proj/kernel"], tuple)
+    assert isinstance(held["embed/embedding"], TransposedTable)
+    used = jax.tree.leaves(frozen.rollout_params())
+    assert all(a is b for a, b in zip(used, jax.tree.leaves(frozen.params), strict=True))
+    assert frozen.reshard_seconds == 0.0
+    ref = JaxSampler(build_model(cfg, flat, mesh=mesh), None, mesh=mesh)
+    params = SamplingParams(temperature=1.0, max_tokens=8, seed=5)
+    for g, r in zip(frozen.generate(PROMPTS, params, n=2), ref.generate(PROMPTS, params, n=2), strict=True):
+        for a, b in zip(g, r, strict=True):
+            assert a.token_ids == b.token_ids
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)

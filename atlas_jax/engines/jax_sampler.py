@@ -378,6 +378,24 @@ class JaxSampler(Engine):
         self._prefill, self._decode = programs.prefill, programs.decode
         self.trace_counts = programs.trace_counts  # shared by the engines of one architecture and mesh
 
+    @classmethod
+    def frozen(cls, model: nnx.Module, tokenizer: Any = None, **kwargs: Any) -> JaxSampler:
+        """A sampler of weights that never change (the student): it keeps only the rollout layout.
+
+        The model's state is laid out for decoding once (`rollout_copy` on ``kwargs["mesh"]``) and the sampler
+        is built on that state with ``rollout_copy=False``, so it holds one model of memory instead of the
+        source plus its copy; drop other references to ``model`` to free the source. Do not call
+        ``update_weights`` on it (its parameters are in the decode layout).
+        """
+        graphdef, state = nnx.split(model)
+        mesh = kwargs.get("mesh")
+        platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+        transpose = transposes_table(model.cfg, platform)
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            laid_out = rollout_copy(state, model.cfg.dtype, mesh, transpose_table=transpose)
+        del state
+        return cls((graphdef, laid_out), tokenizer, **{**kwargs, "rollout_copy": False})
+
     # ------------------------------------------------------------------------------------------ weights
     @property
     def tokenizer(self) -> Any:

@@ -180,12 +180,14 @@ def student_engine(config: Any, mesh: Any = None) -> Engine:
         # Frozen: no backward pass (remat off) and no fp32 master copy (weights in the compute dtype).
         cfg = cfg.replace(remat=False, param_dtype=cfg.dtype)
         model = build_model(cfg, load_flat_params(path, cfg), mesh=mesh, seed=int(config.seed) + 1)
-        sampler = engine_class(kind)(
+        # Frozen: the sampler keeps only the decode layout (one model of memory, not source + rollout copy).
+        sampler = engine_class(kind).frozen(
             model,
             load_tokenizer(path) if path else None,
             mesh=mesh,
             prompt_bucket=int(config.engine.jax_prompt_bucket),
         )
+        del model
         return RowChunked(sampler, int(config.engine.jax_max_rows))
     if kind == "vllm":
         options = vllm_options(config, "student", load_tokenizer(path), _model_positions(path))
