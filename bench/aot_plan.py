@@ -334,8 +334,9 @@ def _train_programs(config, cfg, mesh, job: str, micro_batch: int | None) -> tup
 
 def _sample_programs(config, cfg, mesh) -> tuple[list[Program], dict]:
     """The sampler as the GRPO run drives it: the rollout copy (``engine.jax_rollout_copy``: floating matrices in
-    ``cfg.dtype``, one array per layer, laid out by ``jax_sampler.DECODE_RULES``) built from the fp32 FSDP master by one program, then
-    prefill + decode from that copy, with the row padding and prompt/length buckets of ``JaxSampler.generate``.
+    ``cfg.dtype``, one array per layer, laid out by ``jax_sampler.DECODE_RULES``) built from the fp32 FSDP master
+    by one program, then prefill + decode from that copy, with the row padding and prompt/length buckets of
+    ``JaxSampler.generate``.
     Resident meanwhile: the train state (master params + optimiser state) and the reference params (beta > 0)."""
     import jax
     import jax.numpy as jnp
@@ -360,7 +361,7 @@ def _sample_programs(config, cfg, mesh) -> tuple[list[Program], dict]:
     n_params = sum(math.prod(v.shape) for k, v in flat_master.items() if k in _param_keys(abstract))
     programs: list[Program] = []
     if copy_from_master:
-        transpose = jax_sampler.transposes_table(cfg, mesh.devices.flat[0].platform)
+        transpose = jax_sampler.transposes_table(cfg, jax_sampler._platform(mesh))
         copy_sh = jax_sampler.rollout_shardings(params_state, mesh, transpose_table=transpose)
         layout = functools.partial(
             jax_sampler.decode_layout, dtype=jnp.dtype(cfg.dtype), transpose_table=transpose

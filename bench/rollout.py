@@ -104,7 +104,7 @@ def _model_step_ms(model, weights, batch: int, args) -> float:
     from atlas_jax.engines.jax_sampler import bucket
     from atlas_jax.models.kv_cache import KVCache
 
-    graphdef, state = nnx.split(model)[0], weights
+    graphdef = nnx.split(model)[0]
     slots = bucket(args.prompt_len, 16) + bucket(args.max_tokens, 16)
     cache = KVCache.init(model.cfg, batch, slots, KVCache.storage_dtype(model.cfg.dtype)).split_layers()
 
@@ -115,10 +115,10 @@ def _model_step_ms(model, weights, batch: int, args) -> float:
         return m.unembed(h), cache
 
     ids = jnp.zeros((batch, 1), jnp.int32)
-    logits, cache = jax.block_until_ready(step(state, cache, ids))
+    logits, cache = jax.block_until_ready(step(weights, cache, ids))
     t = time.perf_counter()
     for _ in range(10):
-        logits, cache = step(state, cache, ids)
+        logits, cache = step(weights, cache, ids)
     jax.block_until_ready(logits)
     return 1e3 * (time.perf_counter() - t) / 10
 

@@ -152,6 +152,11 @@ def _to_dtype(dtype: jnp.dtype):
     return cast
 
 
+def _platform(mesh: Mesh | None) -> str:
+    """The platform the sampler runs on: the mesh's devices', else the default backend's."""
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
 def transposes_table(cfg: Any, platform: str) -> bool:
     """The rollout copy stores the embedding table transposed (`TransposedTable`): a tied table on the CPU."""
     return bool(cfg.tie_word_embeddings) and platform == "cpu"
@@ -190,6 +195,13 @@ def rollout_copy(
     one architecture reuses it.
     """
     return _rollout_copy_jit(state, jnp.dtype(dtype), mesh, bool(transpose_table))
+
+
+def _decode_copy(state: nnx.State, cfg: Any, mesh: Mesh | None) -> nnx.State:
+    """`rollout_copy` of ``state`` for a model of ``cfg`` on ``mesh`` (table transposed where it pays), blocking."""
+    transpose = transposes_table(cfg, _platform(mesh))
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        return jax.block_until_ready(rollout_copy(state, cfg.dtype, mesh, transpose_table=transpose))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -238,8 +250,9 @@ def _prefill_impl(
     model = nnx.merge(graphdef, params)
     shard = functools.partial(_shard, mesh)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-    cache_dtype = KVCache.storage_dtype(model.cfg.dtype, platform)  # f32 for bf16 on the CPU (see KVCache)
+    cache_dtype = KVCache.storage_dtype(
+        model.cfg.dtype, _platform(mesh)
+    )  # f32 for bf16 on the CPU (see KVCache)
     cache = KVCache.init(model.cfg, ids.shape[0], cache_len, cache_dtype).split_layers()  # in-place updates
     hidden, cache = model.hidden_states(ids, positions, mask, cache, prefill=True)  # fresh cache: index 0
     b = -(-ids.shape[0] * n // row_multiple) * row_multiple  # rows padded to the mesh's batch shards
@@ -371,7 +384,6 @@ class JaxSampler(Engine):
         self._eos = () if ignore_eos else tuple(sorted(eos))
         sizes = {} if mesh is None else dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
         self._batch_axes = tuple(a for a in ("data", "fsdp") if sizes.get(a, 1) > 1)
-        self._platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
         self._batch_multiple = int(np.prod([sizes[a] for a in self._batch_axes]))
         self._seed_rng = np.random.default_rng()
         programs = compiled_programs(self._graphdef, mesh)
@@ -388,12 +400,7 @@ class JaxSampler(Engine):
         ``update_weights`` on it (its parameters are in the decode layout).
         """
         graphdef, state = nnx.split(model)
-        mesh = kwargs.get("mesh")
-        platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-        transpose = transposes_table(model.cfg, platform)
-        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-            laid_out = rollout_copy(state, model.cfg.dtype, mesh, transpose_table=transpose)
-        del state
+        laid_out = _decode_copy(state, model.cfg, kwargs.get("mesh"))
         return cls((graphdef, laid_out), tokenizer, **{**kwargs, "rollout_copy": False})
 
     # ------------------------------------------------------------------------------------------ weights
@@ -449,10 +456,7 @@ class JaxSampler(Engine):
             return self._copy[1]
         self._copy = None  # drop the old copy before building the new one (peak memory)
         t0 = time.perf_counter()
-        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            transpose = transposes_table(self.cfg, self._platform)
-            copy = rollout_copy(state, self.cfg.dtype, self.mesh, transpose_table=transpose)
-            copy = jax.block_until_ready(copy)
+        copy = _decode_copy(state, self.cfg, self.mesh)
         self.reshard_seconds = time.perf_counter() - t0
         self._copy = (leaves, copy)
         return copy
