@@ -1,0 +1,195 @@
+// PROTOTYPE (issue 14, session 8), not wired in: packed-layout AVX512-BF16 GEMM for XLA:CPU via the XLA FFI.
+// Build: g++ -O3 -std=c++17 -shared -fPIC -mavx512f -mavx512bw -mavx512vl -mavx512bf16 -DMRB=6 -DNTB=4 -DPF=16 \
+//   -I$(python -c "import jax; print(jax.ffi.include_dir())") bf16_matmul_packed.cc -o bf16mm.so
+// w must be packed [ceil(N/64), ceil(K/2), 64, 2] (zero padded): wp = pad(w).reshape(K2,2,P,64).transpose(2,0,3,1).
+// y[M,N] (f32) = x[M,K] (bf16) @ w[K,N] (bf16), f32 accumulation, for XLA:CPU through the XLA FFI.
+//
+// Built by atlas_jax/kernels/__init__.py with -mavx512f -mavx512bw -mavx512bf16 and used only on CPUs that
+// list avx512_bf16. The product is VDPBF16PS: one instruction multiplies 16 pairs of bf16 and adds each pair's
+// sum to one f32 lane, so a pair of consecutive K rows of w, interleaved lane by lane, meets the pair
+// (x[m,k], x[m,k+1]) broadcast to every lane. w keeps XLA's row-major [K,N] layout: each 16-column tile of
+// rows k and k+1 is interleaved in registers (one vpermw), once per k-pair and reused by every row of x in
+// the block. An odd K adds one last pair with a zero second row.
+//
+// Work split: 64-column panels, claimed from an atomic counter by the calling thread and by helpers it
+// schedules on XLA's intra-op pool. The caller waits only for panels already claimed (claimed ones are being
+// computed by a running thread), so it cannot deadlock on a pool whose other threads are busy.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kTile = 16;         // f32 lanes per zmm: output columns per tile
+constexpr int kPanelTiles = 4;    // tiles per panel: 64 columns
+#ifndef MRB
+#define MRB 6
+#endif
+#ifndef NTB
+#define NTB 4
+#endif
+#ifndef PF
+#define PF 0
+#endif
+constexpr int kRowBlock = MRB;
+constexpr int kPanel = kTile * kPanelTiles;
+
+struct Problem {
+  const uint16_t* x;
+  const uint16_t* w;
+  float* y;
+  int64_t m, k, n;
+};
+
+// Interleaves two 16-column bf16 rows into 16 (row0, row1) pairs.
+inline __m512i Interleave(__m256i r0, __m256i r1, __m512i idx) {
+  __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(r0), r1, 1);
+  return _mm512_permutexvar_epi16(idx, both);
+}
+
+template <int MR, int NT>
+void Block(const Problem& p, int64_t row0, int64_t col0, int t0, __mmask16 last_mask) {
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                       22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  __m512 acc[MR][NT];
+  for (int r = 0; r < MR; ++r)
+    for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
+  const int64_t n = p.n, k = p.k;
+  const uint16_t* xrow[MR];
+  for (int r = 0; r < MR; ++r) xrow[r] = p.x + (row0 + r) * k;
+  auto load_row = [&](const uint16_t* src, int t) -> __m256i {
+    if (t == NT - 1 && last_mask != 0xFFFF) return _mm256_maskz_loadu_epi16(last_mask, src + t * kTile);
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + t * kTile));
+  };
+  const int64_t pairs = k / 2;
+  const int64_t k2 = (k + 1) / 2;
+  const uint16_t* panel = p.w + (col0 / kPanel) * k2 * (2 * kPanel);
+  for (int64_t q = 0; q < pairs; ++q) {
+    const uint16_t* wq = panel + q * (2 * kPanel);
+    __m512i b[NT];
+    for (int t = 0; t < NT; ++t) b[t] = _mm512_loadu_si512(wq + (t0 + t) * 2 * kTile);
+    if (PF) _mm_prefetch(reinterpret_cast<const char*>(wq + PF * 2 * kPanel + t0 * 2 * kTile), _MM_HINT_T0);
+    for (int r = 0; r < MR; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, xrow[r] + 2 * q, sizeof(pair));
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+      for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], a, (__m512bh)b[t]);
+    }
+  }
+  if (k % 2) {  // the last pair holds (w[k-1], 0); x[m, k-1] is paired with 0
+    const uint16_t* wq = panel + pairs * (2 * kPanel);
+    __m512i b[NT];
+    for (int t = 0; t < NT; ++t) b[t] = _mm512_loadu_si512(wq + (t0 + t) * 2 * kTile);
+    for (int r = 0; r < MR; ++r) {
+      const int32_t pair = xrow[r][k - 1];
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+      for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], a, (__m512bh)b[t]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    float* dst = p.y + (row0 + r) * n + col0 + t0 * kTile;
+    for (int t = 0; t < NT; ++t) {
+      if (t == NT - 1 && last_mask != 0xFFFF)
+        _mm512_mask_storeu_ps(dst + t * kTile, last_mask, acc[r][t]);
+      else
+        _mm512_storeu_ps(dst + t * kTile, acc[r][t]);
+    }
+  }
+}
+
+template <int NT>
+void Rows(const Problem& p, int64_t col0, int t0, __mmask16 last_mask) {
+  int64_t r = 0;
+  for (; r + kRowBlock <= p.m; r += kRowBlock) Block<kRowBlock, NT>(p, r, col0, t0, last_mask);
+  switch (p.m - r) {
+    case 15: if constexpr (kRowBlock > 15) Block<15, NT>(p, r, col0, t0, last_mask); break;
+    case 14: if constexpr (kRowBlock > 14) Block<14, NT>(p, r, col0, t0, last_mask); break;
+    case 13: if constexpr (kRowBlock > 13) Block<13, NT>(p, r, col0, t0, last_mask); break;
+    case 12: if constexpr (kRowBlock > 12) Block<12, NT>(p, r, col0, t0, last_mask); break;
+    case 11: if constexpr (kRowBlock > 11) Block<11, NT>(p, r, col0, t0, last_mask); break;
+    case 10: if constexpr (kRowBlock > 10) Block<10, NT>(p, r, col0, t0, last_mask); break;
+    case 9: if constexpr (kRowBlock > 9) Block<9, NT>(p, r, col0, t0, last_mask); break;
+    case 8: if constexpr (kRowBlock > 8) Block<8, NT>(p, r, col0, t0, last_mask); break;
+    case 7: if constexpr (kRowBlock > 7) Block<7, NT>(p, r, col0, t0, last_mask); break;
+    case 6: if constexpr (kRowBlock > 6) Block<6, NT>(p, r, col0, t0, last_mask); break;
+    case 5: Block<5, NT>(p, r, col0, t0, last_mask); break;
+    case 4: Block<4, NT>(p, r, col0, t0, last_mask); break;
+    case 3: Block<3, NT>(p, r, col0, t0, last_mask); break;
+    case 2: Block<2, NT>(p, r, col0, t0, last_mask); break;
+    case 1: Block<1, NT>(p, r, col0, t0, last_mask); break;
+    default: break;
+  }
+}
+
+void Panel(const Problem& p, int64_t panel) {
+  const int64_t col0 = panel * kPanel;
+  const int64_t cols = std::min<int64_t>(kPanel, p.n - col0);
+  const int tiles = static_cast<int>((cols + kTile - 1) / kTile);
+  const int rem = static_cast<int>(cols - (tiles - 1) * kTile);
+  const __mmask16 last_mask = static_cast<__mmask16>((1u << rem) - 1u);
+  int t0 = 0;
+  for (; t0 + NTB <= tiles; t0 += NTB) Rows<NTB>(p, col0, t0, t0 + NTB == tiles ? last_mask : 0xFFFF);
+  switch (tiles - t0) {
+    case 3: Rows<3>(p, col0, t0, last_mask); break;
+    case 2: Rows<2>(p, col0, t0, last_mask); break;
+    case 1: Rows<1>(p, col0, t0, last_mask); break;
+    default: break;
+  }
+}
+
+struct Shared {
+  Problem p;
+  int64_t panels;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+void Drain(Shared& s) {
+  int64_t finished = 0;
+  for (int64_t i; (i = s.next.fetch_add(1, std::memory_order_relaxed)) < s.panels;) {
+    Panel(s.p, i);
+    ++finished;
+  }
+  if (finished) s.done.fetch_add(finished, std::memory_order_release);
+}
+
+ffi::Error Bf16MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                          ffi::ResultBuffer<ffi::F32> y) {
+  const int64_t n_cols = y->dimensions()[1];
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 4 || wd[1] != (xd[1] + 1) / 2 || wd[2] != kPanel || wd[3] != 2 || wd[0] * kPanel < n_cols)
+    return ffi::Error::InvalidArgument("atlas_bf16_matmul: expected x[M,K] and packed w[P,ceil(K/2),64,2]");
+  auto s = std::make_shared<Shared>();
+  s->p = Problem{reinterpret_cast<const uint16_t*>(x.typed_data()),
+                 reinterpret_cast<const uint16_t*>(w.typed_data()), y->typed_data(), xd[0], xd[1], n_cols};
+  s->panels = (s->p.n + kPanel - 1) / kPanel;
+  if (s->p.m == 0 || s->p.n == 0) return ffi::Error::Success();
+  if (s->p.k == 0) {
+    std::memset(s->p.y, 0, sizeof(float) * s->p.m * s->p.n);
+    return ffi::Error::Success();
+  }
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), s->panels) - 1;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([s] { Drain(*s); });
+  Drain(*s);
+  while (s->done.load(std::memory_order_acquire) < s->panels) _mm_pause();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AtlasBf16Matmul, Bf16MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
