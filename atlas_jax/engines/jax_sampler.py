@@ -56,6 +56,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from atlas_jax import distributed
 from atlas_jax.engines.base import Completion, Engine, Prompt, SamplingParams
 from atlas_jax.engines.sampling import Strategy
+from atlas_jax.kernels import bf16_matmul
 from atlas_jax.models.decoder import TransposedTable
 from atlas_jax.models.kv_cache import KVCache
 from atlas_jax.models.params import flatten, unflatten
@@ -114,11 +115,14 @@ def _embedding(path: tuple) -> bool:
     return tuple(getattr(p, "key", None) for p in path) == ("embed", "embedding")
 
 
-def rollout_shardings(state: nnx.State, mesh: Mesh, *, transpose_table: bool = False) -> nnx.State:
-    """`NamedSharding` of each leaf of `decode_layout` ``(state, ..., transpose_table)`` under `DECODE_RULES`.
+def rollout_shardings(
+    state: nnx.State, mesh: Mesh, *, transpose_table: bool = False, pack: bool = False
+) -> nnx.State:
+    """`NamedSharding` of each leaf of `decode_layout` ``(state, ..., transpose_table, pack)`` under `DECODE_RULES`.
 
     A decoder-layer Variable gets a tuple of ``L`` per-layer shardings (its logical axes without "layers"), a
-    transposed table a `TransposedTable` of the reversed axes; leaves without logical axes replicate.
+    transposed table a `TransposedTable` of the reversed axes; leaves without logical axes replicate, and so
+    does a packed weight (`bf16_matmul.PackedBF16`: only made for one device).
     """
     sizes = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
 
@@ -129,6 +133,13 @@ def rollout_shardings(state: nnx.State, mesh: Mesh, *, transpose_table: bool = F
     def one(path: tuple, v: nnx.Variable) -> nnx.Variable:
         axes = v.get_metadata().get(LOGICAL_AXES_KEY)
         shape = v.get_value().shape
+        if pack and (packed := _packing(path, v, bool(transpose_table))) is not None:
+            contract, transpose = packed
+            stacked = _stacked(path)
+            one_shape = shape[1:] if stacked else shape
+            one_shape = one_shape[::-1] if transpose else one_shape
+            rep = bf16_matmul.PackedBF16(NamedSharding(mesh, PartitionSpec()), tuple(one_shape), contract)
+            return v.replace((rep,) * shape[0] if stacked else rep)
         if transpose_table and _embedding(path):
             return v.replace(TransposedTable(sharding(None if axes is None else axes[::-1], shape[::-1])))
         if not _stacked(path):
@@ -162,10 +173,43 @@ def transposes_table(cfg: Any, platform: str) -> bool:
     return bool(cfg.tie_word_embeddings) and platform == "cpu"
 
 
-def decode_layout(state: nnx.State, dtype: jnp.dtype | str, transpose_table: bool = False) -> nnx.State:
+def packs_weights(cfg: Any, mesh: Mesh | None) -> bool:
+    """The rollout copy packs its weight matrices for the CPU bf16 kernel (`bf16_matmul.enabled`)."""
+    return bf16_matmul.enabled(_platform(mesh), cfg.dtype, 1 if mesh is None else mesh.devices.size)
+
+
+def _packing(path: tuple, v: nnx.Variable, tied: bool) -> tuple[int, bool] | None:
+    """``(contract, transpose)`` when `decode_layout` with ``pack`` packs this Variable, else None.
+
+    Packed: every projection ``.../kernel`` whose logical axes start or end with "embed" (input axes first:
+    ``embed -> ...`` contracts 1 axis, ``... -> embed`` all but the last), and the embedding table when
+    ``tied`` (as ``Eᵀ [D, V]``, the unembedding's operand; the lookup reads its columns).
+    """
+    axes = v.get_metadata().get(LOGICAL_AXES_KEY)
+    if axes is None:
+        return None
+    axes = tuple(axes[1:]) if _stacked(path) else tuple(axes)
+    if _embedding(path):
+        return (1, True) if tied else None
+    if getattr(path[-1], "key", None) != "kernel" or len(axes) < 2:
+        return None
+    if axes[0] == "embed":
+        return 1, False
+    if axes[-1] == "embed":
+        return len(axes) - 1, False
+    return None
+
+
+def decode_layout(
+    state: nnx.State, dtype: jnp.dtype | str, transpose_table: bool = False, pack: bool = False
+) -> nnx.State:
     """``state`` laid out for decoding (a pure function; jit it): floating matrices cast to ``dtype``, each
     decoder-layer Variable holding a tuple of ``L`` per-layer arrays instead of one ``[L, ...]`` array, and
     with ``transpose_table`` the embedding table as a `TransposedTable` (`transposes_table`).
+
+    With ``pack`` (bf16, one CPU device: `packs_weights`) every projection kernel, and with ``transpose_table``
+    the tied table as ``Eᵀ``, is a `bf16_matmul.PackedBF16` instead (`_packing`): `Decoder` multiplies those
+    with the AVX512-BF16 kernel.
 
     Why per-layer arrays: decoding from stacked parameters makes every layer of every step take a slice
     ``w[i]`` of each weight, and XLA:CPU materialises those slices (measured: 10 copies per layer per step,
@@ -176,6 +220,13 @@ def decode_layout(state: nnx.State, dtype: jnp.dtype | str, transpose_table: boo
 
     def one(path: tuple, v: nnx.Variable) -> nnx.Variable:
         x = v.get_value()
+        if pack and (packed := _packing(path, v, bool(transpose_table))) is not None:
+            contract, transpose = packed
+            if transpose:
+                return v.replace(bf16_matmul.pack(x.T, contract))
+            if not _stacked(path):
+                return v.replace(bf16_matmul.pack(x, contract))
+            return v.replace(tuple(bf16_matmul.pack(x[i], contract) for i in range(x.shape[0])))
         if transpose_table and _embedding(path):
             return v.replace(TransposedTable(cast(x).T))
         if not _stacked(path):
@@ -186,7 +237,12 @@ def decode_layout(state: nnx.State, dtype: jnp.dtype | str, transpose_table: boo
 
 
 def rollout_copy(
-    state: nnx.State, dtype: jnp.dtype | str, mesh: Mesh | None, *, transpose_table: bool = False
+    state: nnx.State,
+    dtype: jnp.dtype | str,
+    mesh: Mesh | None,
+    *,
+    transpose_table: bool = False,
+    pack: bool = False,
 ) -> nnx.State:
     """The parameters the sampler decodes from: `decode_layout` of ``state``, laid out by `DECODE_RULES`.
 
@@ -194,23 +250,29 @@ def rollout_copy(
     compiled once per process for each (structure, shapes, dtype, mesh): every engine and every refresh of
     one architecture reuses it.
     """
-    return _rollout_copy_jit(state, jnp.dtype(dtype), mesh, bool(transpose_table))
+    return _rollout_copy_jit(state, jnp.dtype(dtype), mesh, bool(transpose_table), bool(pack))
 
 
 def _decode_copy(state: nnx.State, cfg: Any, mesh: Mesh | None) -> nnx.State:
-    """`rollout_copy` of ``state`` for a model of ``cfg`` on ``mesh`` (table transposed where it pays), blocking."""
+    """`rollout_copy` of ``state`` for a model of ``cfg`` on ``mesh`` (table transposed and weights packed
+    where it pays), blocking."""
     transpose = transposes_table(cfg, _platform(mesh))
+    pack = packs_weights(cfg, mesh)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        return jax.block_until_ready(rollout_copy(state, cfg.dtype, mesh, transpose_table=transpose))
+        return jax.block_until_ready(
+            rollout_copy(state, cfg.dtype, mesh, transpose_table=transpose, pack=pack)
+        )
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _rollout_copy_jit(state: nnx.State, dtype: jnp.dtype, mesh: Mesh | None, transpose_table: bool):
-    out = decode_layout(state, dtype, transpose_table)
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _rollout_copy_jit(
+    state: nnx.State, dtype: jnp.dtype, mesh: Mesh | None, transpose_table: bool, pack: bool
+):
+    out = decode_layout(state, dtype, transpose_table, pack)
     if mesh is None:
         return out
     return jax.lax.with_sharding_constraint(
-        out, rollout_shardings(state, mesh, transpose_table=transpose_table)
+        out, rollout_shardings(state, mesh, transpose_table=transpose_table, pack=pack)
     )
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from atlas_jax.kernels.bf16_matmul import PackedBF16, columns, matmul
 from atlas_jax.models.attention import PAD_SEGMENT
 from atlas_jax.models.config import REMAT_POLICIES, ModelConfig
 from atlas_jax.models.kv_cache import KVCache
@@ -162,7 +163,9 @@ class Decoder(nnx.Module):
         # Gather from a replicated table (an explicit FSDP all-gather) rather than let the partitioner
         # replicate the vocab/embed-sharded table implicitly for the batch-sharded lookup.
         table = self.embed.embedding.get_value()
-        if isinstance(table, TransposedTable):
+        if isinstance(table, PackedBF16):  # Eᵀ packed for the bf16 kernel (rollout copy)
+            x_btd = columns(table, input_ids)
+        elif isinstance(table, TransposedTable):
             table_dv = constrain(table.dv, ("act_embed", "act_vocab"))
             x_btd = jnp.moveaxis(jnp.take(table_dv, input_ids, axis=1), 0, -1)
         else:
@@ -202,7 +205,9 @@ class Decoder(nnx.Module):
                 layer_state = _map_variables(lambda x, i=i: x[i], state)
                 (x_btd, (ks[i], vs[i])), _ = body((x_btd, (ks[i], vs[i])), (layer_state, None))
             return x_btd, (tuple(ks), tuple(vs))
-        state = _map_variables(lambda x: jnp.stack(x) if isinstance(x, tuple) else x, state)
+        state = _map_variables(
+            lambda x: jax.tree.map(lambda *a: jnp.stack(a), *x) if isinstance(x, tuple) else x, state
+        )
         if cfg.scan_layers:
             (x_btd, kv), _ = jax.lax.scan(body, (x_btd, kv), (state, layer_ids))
             return x_btd, kv
@@ -211,10 +216,19 @@ class Decoder(nnx.Module):
         return x_btd, kv
 
     def unembed(self, hidden: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
-        """Float32 logits: hidden · Eᵀ (tied; ``hidden · dv`` for a `TransposedTable`) or hidden · W_lm_head."""
+        """Float32 logits: hidden · Eᵀ (tied; ``hidden · dv`` for a `TransposedTable`) or hidden · W_lm_head.
+
+        A `PackedBF16` table (``Eᵀ`` packed) or head goes to the CPU bf16 kernel (`bf16_matmul.matmul`).
+        """
         dtype = jnp.dtype(self.cfg.dtype)
+        w = (
+            self.embed.embedding.get_value()
+            if self.cfg.tie_word_embeddings
+            else self.lm_head.kernel.get_value()
+        )
+        if isinstance(w, PackedBF16):
+            return matmul(hidden.astype(dtype), w)
         if self.cfg.tie_word_embeddings:
-            w = self.embed.embedding.get_value()
             if isinstance(w, TransposedTable):
                 spec, w = "btd,dv->btv", w.dv
             else:

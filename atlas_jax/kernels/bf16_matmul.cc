@@ -1,9 +1,11 @@
-// PROTOTYPE (issue 14), not wired in: y[M,N] (f32) = x[M,K] (bf16) @ w[K,N] (bf16), f32 accumulation, as an
-// XLA:CPU custom call through the XLA FFI, for CPUs that list avx512_bf16.
+// y[M,N] (f32) = x[M,K] (bf16) @ w[K,N] (bf16), f32 accumulation, as an XLA:CPU custom call through the XLA FFI,
+// for CPUs that list avx512_bf16. Built and registered by atlas_jax/kernels/bf16_matmul.py (which also packs w);
+// the JAX sampler's bf16 rollout copy on such a CPU uses it for every weight matrix (docs/internals.md).
 //
-// Build: g++ -O3 -std=c++17 -shared -fPIC -mavx512f -mavx512bw -mavx512vl -mavx512bf16
-//     -I$(python -c "import jax; print(jax.ffi.include_dir())") bf16_matmul_packed.cc -o bf16mm.so
-// (-DMRB / -DNTB / -DPF override the row block, tiles per block and prefetch distance; the defaults measured best.)
+// Build (what bf16_matmul.py runs): g++ -O3 -std=c++17 -shared -fPIC -mavx512f -mavx512bw -mavx512vl -mavx512bf16
+//     -I$(python -c "import jax; print(jax.ffi.include_dir())") bf16_matmul.cc -o bf16_matmul.so
+// (-DMRB / -DNTB / -DPF override the row block, tiles per block and prefetch distance; the defaults measured best
+// on a Zen 5 EPYC: bench/cpu_bf16_kernel.py.)
 //
 // w is packed [P, K2, 64, 2] with P = ceil(N/64), K2 = ceil(K/2), zero padded:
 //   wp = pad(w, to [2*K2, 64*P]).reshape(K2, 2, P, 64).transpose(2, 0, 3, 1)
