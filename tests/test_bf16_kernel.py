@@ -167,6 +167,17 @@ def test_packed_rollout_copy_samples_what_xla_dots_sample(kernel, monkeypatch, t
     if not tied:
         assert not isinstance(copy["embed/embedding"], PackedBF16)  # an untied table is only looked up
     got = packed.generate(prompts, params, n=2)
+    frozen = JaxSampler.frozen(build_model(cfg, flat), None)  # the student: only the packed layout is kept
+    assert isinstance(flatten(frozen.params)["layers/mlp/up_proj/kernel"][0], PackedBF16)
+    got_frozen = frozen.generate(prompts, params, n=2)
+    # A weight update (the teacher's push) re-packs: the new copy decodes the new weights.
+    doubled = {
+        k: v * (1.0 if k.endswith("scale") or "bias" in k else 1.5)
+        for k, v in flatten(nnx.state(build_model(cfg, flat))).items()
+    }
+    packed.update_weights(doubled)
+    assert isinstance(flatten(packed.rollout_params())["layers/mlp/up_proj/kernel"][0], PackedBF16)
+    got_updated = packed.generate(prompts, params, n=2)
     monkeypatch.setattr(jax_sampler, "packs_weights", lambda cfg, mesh: False)
     plain = JaxSampler(build_model(cfg, flat), None)
     assert not any(
@@ -174,10 +185,14 @@ def test_packed_rollout_copy_samples_what_xla_dots_sample(kernel, monkeypatch, t
         for v in jax.tree.leaves(plain.rollout_params(), is_leaf=lambda x: isinstance(x, PackedBF16))
     )
     want = plain.generate(prompts, params, n=2)
-    for g, r in zip(got, want, strict=True):
-        for a, b in zip(g, r, strict=True):
-            assert a.token_ids == b.token_ids
-            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=5e-2)
+    plain.update_weights(doubled)
+    want_updated = plain.generate(prompts, params, n=2)
+    assert [c.token_ids for g in want_updated for c in g] != [c.token_ids for g in want for c in g]
+    for ours, theirs in ((got, want), (got_frozen, want), (got_updated, want_updated)):
+        for g, r in zip(ours, theirs, strict=True):
+            for a, b in zip(g, r, strict=True):
+                assert a.token_ids == b.token_ids
+                np.testing.assert_allclose(a.logprobs, b.logprobs, atol=5e-2)
 
 
 def test_decoder_scan_path_stacks_packed_layers(kernel):
