@@ -127,7 +127,9 @@ def test_rollout_copy_is_compute_dtype_tensor_parallel_per_layer_and_refreshed(m
     )
 
 
-def test_copy_without_a_mesh_is_per_layer_and_exact_and_can_be_turned_off():
+def test_copy_without_a_mesh_is_per_layer_and_exact_and_can_be_turned_off(monkeypatch):
+    # The unpacked layout (the packed one, on AVX-512 CPUs: tests/test_cpu_kernel.py).
+    monkeypatch.setattr("atlas_jax.engines.jax_sampler.packs_weights", lambda cfg, mesh: False)
     cfg = _cfg("float32")
     model = build_model(cfg, _flat(cfg))
     source = flatten(model)

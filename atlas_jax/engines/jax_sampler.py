@@ -56,7 +56,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from atlas_jax import distributed
 from atlas_jax.engines.base import Completion, Engine, Prompt, SamplingParams
 from atlas_jax.engines.sampling import Strategy
-from atlas_jax.kernels import bf16_matmul
+from atlas_jax.kernels import cpu_matmul
 from atlas_jax.models.decoder import TransposedTable
 from atlas_jax.models.kv_cache import KVCache
 from atlas_jax.models.params import flatten, unflatten
@@ -122,7 +122,7 @@ def rollout_shardings(
 
     A decoder-layer Variable gets a tuple of ``L`` per-layer shardings (its logical axes without "layers"), a
     transposed table a `TransposedTable` of the reversed axes; leaves without logical axes replicate, and so
-    does a packed weight (`bf16_matmul.PackedBF16`: only made for one device).
+    does a packed weight (`cpu_matmul.PackedWeight`: only made for one device).
     """
     sizes = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
 
@@ -138,7 +138,7 @@ def rollout_shardings(
             stacked = _stacked(path)
             one_shape = shape[1:] if stacked else shape
             one_shape = one_shape[::-1] if transpose else one_shape
-            rep = bf16_matmul.PackedBF16(NamedSharding(mesh, PartitionSpec()), tuple(one_shape), contract)
+            rep = cpu_matmul.PackedWeight(NamedSharding(mesh, PartitionSpec()), tuple(one_shape), contract)
             return v.replace((rep,) * shape[0] if stacked else rep)
         if transpose_table and _embedding(path):
             return v.replace(TransposedTable(sharding(None if axes is None else axes[::-1], shape[::-1])))
@@ -174,8 +174,8 @@ def transposes_table(cfg: Any, platform: str) -> bool:
 
 
 def packs_weights(cfg: Any, mesh: Mesh | None) -> bool:
-    """The rollout copy packs its weight matrices for the CPU bf16 kernel (`bf16_matmul.enabled`)."""
-    return bf16_matmul.enabled(_platform(mesh), cfg.dtype, 1 if mesh is None else mesh.devices.size)
+    """The rollout copy packs its weight matrices for the CPU matmul kernels (`cpu_matmul.enabled`)."""
+    return cpu_matmul.enabled(_platform(mesh), cfg.dtype, 1 if mesh is None else mesh.devices.size)
 
 
 def _packing(path: tuple, v: nnx.Variable, tied: bool) -> tuple[int, bool] | None:
@@ -207,9 +207,9 @@ def decode_layout(
     decoder-layer Variable holding a tuple of ``L`` per-layer arrays instead of one ``[L, ...]`` array, and
     with ``transpose_table`` the embedding table as a `TransposedTable` (`transposes_table`).
 
-    With ``pack`` (bf16, one CPU device: `packs_weights`) every projection kernel, and with ``transpose_table``
-    the tied table as ``Eᵀ``, is a `bf16_matmul.PackedBF16` instead (`_packing`): `Decoder` multiplies those
-    with the AVX512-BF16 kernel.
+    With ``pack`` (bf16 or float32 ``dtype``, one AVX-512 CPU device: `packs_weights`) every projection kernel,
+    and with ``transpose_table`` the tied table as ``Eᵀ``, is a `cpu_matmul.PackedWeight` in ``dtype`` instead
+    (`_packing`): `Decoder` multiplies those with the CPU kernels.
 
     Why per-layer arrays: decoding from stacked parameters makes every layer of every step take a slice
     ``w[i]`` of each weight, and XLA:CPU materialises those slices (measured: 10 copies per layer per step,
@@ -223,10 +223,10 @@ def decode_layout(
         if pack and (packed := _packing(path, v, bool(transpose_table))) is not None:
             contract, transpose = packed
             if transpose:
-                return v.replace(bf16_matmul.pack(x.T, contract))
+                return v.replace(cpu_matmul.pack(x.T, contract, dtype))
             if not _stacked(path):
-                return v.replace(bf16_matmul.pack(x, contract))
-            return v.replace(tuple(bf16_matmul.pack(x[i], contract) for i in range(x.shape[0])))
+                return v.replace(cpu_matmul.pack(x, contract, dtype))
+            return v.replace(tuple(cpu_matmul.pack(x[i], contract, dtype) for i in range(x.shape[0])))
         if transpose_table and _embedding(path):
             return v.replace(TransposedTable(cast(x).T))
         if not _stacked(path):

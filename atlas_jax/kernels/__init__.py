@@ -1,1 +1,1 @@
-"""Hand-written kernels XLA calls as custom calls (`bf16_matmul`: the CPU bf16 product of the rollout copy)."""
+"""Hand-written kernels XLA calls as custom calls (`cpu_matmul`: the CPU products of the rollout copy)."""

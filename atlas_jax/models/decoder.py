@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from atlas_jax.kernels.bf16_matmul import PackedBF16, columns, matmul
+from atlas_jax.kernels.cpu_matmul import PackedWeight, columns, matmul
 from atlas_jax.models.attention import PAD_SEGMENT
 from atlas_jax.models.config import REMAT_POLICIES, ModelConfig
 from atlas_jax.models.kv_cache import KVCache
@@ -163,7 +163,7 @@ class Decoder(nnx.Module):
         # Gather from a replicated table (an explicit FSDP all-gather) rather than let the partitioner
         # replicate the vocab/embed-sharded table implicitly for the batch-sharded lookup.
         table = self.embed.embedding.get_value()
-        if isinstance(table, PackedBF16):  # Eᵀ packed for the bf16 kernel (rollout copy)
+        if isinstance(table, PackedWeight):  # Eᵀ packed for the CPU kernels (rollout copy)
             x_btd = columns(table, input_ids)
         elif isinstance(table, TransposedTable):
             table_dv = constrain(table.dv, ("act_embed", "act_vocab"))
@@ -218,7 +218,7 @@ class Decoder(nnx.Module):
     def unembed(self, hidden: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
         """Float32 logits: hidden · Eᵀ (tied; ``hidden · dv`` for a `TransposedTable`) or hidden · W_lm_head.
 
-        A `PackedBF16` table (``Eᵀ`` packed) or head goes to the CPU bf16 kernel (`bf16_matmul.matmul`).
+        A `PackedWeight` table (``Eᵀ`` packed) or head goes to the CPU kernels (`cpu_matmul.matmul`).
         """
         dtype = jnp.dtype(self.cfg.dtype)
         w = (
@@ -226,7 +226,7 @@ class Decoder(nnx.Module):
             if self.cfg.tie_word_embeddings
             else self.lm_head.kernel.get_value()
         )
-        if isinstance(w, PackedBF16):
+        if isinstance(w, PackedWeight):
             return matmul(hidden.astype(dtype), w)
         if self.cfg.tie_word_embeddings:
             if isinstance(w, TransposedTable):

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from atlas_jax.kernels import bf16_matmul
+from atlas_jax.kernels import cpu_matmul
 from atlas_jax.models import attention
 from atlas_jax.models.config import ModelConfig, RopeScaling
 from atlas_jax.models.sharding import param
@@ -34,16 +34,16 @@ def einsum(spec: str, a: Array, b: Array, dtype: jnp.dtype) -> Array:
     (JAX's own transpose of an f32-accumulating product keeps ``ct`` in f32, so with a bf16 ``dtype`` every
     backward matmul ran in f32: on XLA:CPU 2-3x slower than the bf16 forward, most of a GRPO update.)
 
-    A `bf16_matmul.PackedBF16` ``b`` (the sampler's rollout copy on an AVX512-BF16 CPU) goes to the packed
+    A `cpu_matmul.PackedWeight` ``b`` (the sampler's rollout copy on an AVX-512 CPU) goes to the packed
     kernel instead (forward only); ``spec`` must then contract ``a``'s trailing axes with ``b``'s leading ones.
     """
-    if isinstance(b, bf16_matmul.PackedBF16):
+    if isinstance(b, cpu_matmul.PackedWeight):
         return _packed_einsum(spec, a, b).astype(dtype)
     return _mixed_einsum(spec, jnp.dtype(dtype), jnp.dtype(a.dtype), jnp.dtype(b.dtype))(a, b)
 
 
-def _packed_einsum(spec: str, a: Array, b: bf16_matmul.PackedBF16) -> Array:
-    """`bf16_matmul.matmul` for a ``spec`` of the form ``lead+con, con+rest -> lead+rest``; else ValueError."""
+def _packed_einsum(spec: str, a: Array, b: cpu_matmul.PackedWeight) -> Array:
+    """`cpu_matmul.matmul` for a ``spec`` of the form ``lead+con, con+rest -> lead+rest``; else ValueError."""
     ins, out = spec.split("->")
     sa, sb = ins.split(",")
     c = b.contract
@@ -51,7 +51,7 @@ def _packed_einsum(spec: str, a: Array, b: bf16_matmul.PackedBF16) -> Array:
         raise ValueError(
             f"einsum {spec!r}: a packed weight needs 'lead+con,con+rest->lead+rest' (contract={c})"
         )
-    return bf16_matmul.matmul(a, b)
+    return cpu_matmul.matmul(a, b)
 
 
 def _dot(spec: str, x: Array, y: Array) -> Array:

@@ -1,6 +1,6 @@
-"""The CPU bf16 kernel (`atlas_jax.kernels.bf16_matmul`) vs XLA:CPU's own bf16 dot, one product at a time.
+"""The CPU bf16 kernel (`atlas_jax.kernels.cpu_matmul`) vs XLA:CPU's own bf16 dot, one product at a time.
 
-    python -m bench.cpu_bf16_kernel [--rows 1,16,64] [--shapes 896x4864,4864x896,...]
+    python -m bench.cpu_kernel [--rows 1,16,64] [--shapes 896x4864,4864x896,...]
 
 For each row count M and weight shape K x N: ``y[M,N] = x[M,K] · w[K,N]`` in bf16 with f32 accumulation, XLA's
 ``einsum(..., preferred_element_type=f32)`` on the row-major weight against the kernel on the packed one. Each
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import atlas_jax  # noqa: F401  (XLA:CPU flags before the first JAX computation)
-from atlas_jax.kernels import bf16_matmul
+from atlas_jax.kernels import cpu_matmul
 
 SHAPES = "896x4864,4864x896,896x896,896x151936,512x1408,1408x512,512x1024"
 
@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shapes", default=SHAPES, help="comma-separated KxN weight shapes")
     ap.add_argument("--reps", type=int, default=7)
     args = ap.parse_args(argv)
-    if not bf16_matmul.available():
+    if not cpu_matmul.available():
         raise SystemExit(
-            f"the kernel is not available here (needs {', '.join(bf16_matmul.CPU_FLAGS)}; see {bf16_matmul.ENV})"
+            f"the kernel is not available here (needs {', '.join(cpu_matmul.CPU_FLAGS)}; see {cpu_matmul.ENV})"
         )
     rng = np.random.default_rng(0)
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
@@ -67,14 +67,14 @@ def main(argv: list[str] | None = None) -> None:
             copies = max(1, min(16, int(160e6 // (k * n * 2))))
             x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
             ws = [jnp.asarray(0.05 * rng.standard_normal((k, n)), jnp.bfloat16) for _ in range(copies)]
-            packed = [bf16_matmul.pack(w) for w in ws]
+            packed = [cpu_matmul.pack(w) for w in ws]
             ref = np.asarray(x, np.float32) @ np.asarray(ws[0], np.float32)
             scale = np.abs(ref).max() + 1e-30
             errs = [
                 np.abs(np.asarray(jax.jit(fn)(x, w)) - ref).max() / scale
-                for fn, w in ((_xla, ws[0]), (bf16_matmul.matmul, packed[0]))
+                for fn, w in ((_xla, ws[0]), (cpu_matmul.matmul, packed[0]))
             ]
-            t_xla, t_ker = _time(_xla, x, ws, args.reps), _time(bf16_matmul.matmul, x, packed, args.reps)
+            t_xla, t_ker = _time(_xla, x, ws, args.reps), _time(cpu_matmul.matmul, x, packed, args.reps)
             gb = k * n * 2 / 1e9
             print(
                 f"{m:4d} {f'{k}x{n}':>14} {1e3 * t_xla:8.3f} {gb / t_xla:6.1f} {1e3 * t_ker:9.3f} {gb / t_ker:6.1f}"
