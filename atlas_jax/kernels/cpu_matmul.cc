@@ -68,7 +68,9 @@ void BlockBf16(const Problem& p, int64_t row0, int64_t col0, int t0, __mmask16 l
     const uint16_t* wq = panel + q * (2 * kPanel);
     __m512i b[NT];
     for (int t = 0; t < NT; ++t) b[t] = _mm512_loadu_si512(wq + (t0 + t) * 2 * kTile);
-    if (PF) _mm_prefetch(reinterpret_cast<const char*>(wq + PF * 2 * kPanel + t0 * 2 * kTile), _MM_HINT_T0);
+    if (PF)  // every cache line of this block's row PF pairs ahead (one line per tile)
+      for (int t = 0; t < NT; ++t)
+        _mm_prefetch(reinterpret_cast<const char*>(wq + PF * 2 * kPanel + (t0 + t) * 2 * kTile), _MM_HINT_T0);
     for (int r = 0; r < MR; ++r) {
       int32_t pair;
       std::memcpy(&pair, xrow[r] + 2 * q, sizeof(pair));
@@ -99,7 +101,9 @@ void BlockF32(const Problem& p, int64_t row0, int64_t col0, int t0, __mmask16 la
     const float* wq = panel + q * kPanel;
     __m512 b[NT];
     for (int t = 0; t < NT; ++t) b[t] = _mm512_loadu_ps(wq + (t0 + t) * kTile);
-    if (PF) _mm_prefetch(reinterpret_cast<const char*>(wq + PF * kPanel + t0 * kTile), _MM_HINT_T0);
+    if (PF)
+      for (int t = 0; t < NT; ++t)
+        _mm_prefetch(reinterpret_cast<const char*>(wq + PF * kPanel + (t0 + t) * kTile), _MM_HINT_T0);
     for (int r = 0; r < MR; ++r) {
       const __m512 a = _mm512_set1_ps(xrow[r][q]);
       for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_fmadd_ps(a, b[t], acc[r][t]);
