@@ -135,11 +135,13 @@ def test_forced_without_a_compiler_says_so(monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing half-written
 
 
-def _cfg(tied: bool, dtype: str = "bfloat16") -> ModelConfig:
+def _cfg(tied: bool, dtype: str = "bfloat16", model_type: str = "qwen2") -> ModelConfig:
+    """Qwen2 (q/k/v bias) or Qwen3 (q/k RMSNorm, no bias: what the real configs train), tiny."""
+    qwen3 = model_type == "qwen3"
     return ModelConfig(
-        model_type="qwen2", vocab_size=300, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
-        num_kv_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=tied, qkv_bias=True,
-        dtype=dtype, param_dtype="float32",
+        model_type=model_type, vocab_size=300, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=tied, qkv_bias=not qwen3,
+        qk_norm=qwen3, dtype=dtype, param_dtype="float32",
     )  # fmt: skip
 
 
@@ -154,12 +156,12 @@ def _flat(cfg: ModelConfig) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize(("dtype", "atol"), [("bfloat16", 5e-2), ("float32", 1e-4)])
-@pytest.mark.parametrize("tied", [True, False])
-def test_packed_rollout_copy_samples_what_xla_dots_sample(kernel, monkeypatch, tied, dtype, atol):
+@pytest.mark.parametrize(("tied", "model_type"), [(True, "qwen2"), (False, "qwen2"), (True, "qwen3")])
+def test_packed_rollout_copy_samples_what_xla_dots_sample(kernel, monkeypatch, tied, model_type, dtype, atol):
     """A sampler whose copy is packed (every projection kernel, the tied table or the untied head) gives the
     same greedy tokens as one on XLA's dots; log-probs within 5e-2 in bf16 (same products, another f32
     summation order before each bf16 rounding), 1e-4 in float32."""
-    cfg = _cfg(tied, dtype)
+    cfg = _cfg(tied, dtype, model_type)
     flat = _flat(cfg)
     prompts = [[5, 17, 42, 9], [100, 3], [7, 8, 9, 10, 11, 12, 13]]
     params = SamplingParams(temperature=0.0, max_tokens=12)
@@ -169,7 +171,10 @@ def test_packed_rollout_copy_samples_what_xla_dots_sample(kernel, monkeypatch, t
     assert copy["layers/attn/o_proj/kernel"][0].wp.dtype == jnp.dtype(dtype)
     assert copy["layers/attn/o_proj/kernel"][0].contract == 2
     assert isinstance(copy["layers/mlp/down_proj/kernel"][1], PackedWeight)
-    assert not isinstance(copy["layers/attn/q_proj/bias"][0], PackedWeight)  # biases stay arrays
+    if cfg.qkv_bias:
+        assert not isinstance(copy["layers/attn/q_proj/bias"][0], PackedWeight)  # biases stay arrays
+    if cfg.qk_norm:
+        assert not isinstance(copy["layers/attn/q_norm/scale"][0], PackedWeight)
     head = "embed/embedding" if tied else "lm_head/kernel"
     assert isinstance(copy[head], PackedWeight) and copy[head].shape == (cfg.hidden_size, cfg.vocab_size)
     if not tied:
