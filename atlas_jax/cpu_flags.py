@@ -51,7 +51,8 @@ def library_dots_pay(cpuinfo: str | None) -> bool:
     return "avx2" in flags and "avx512f" not in flags
 
 
-def _read_cpuinfo() -> str | None:
+def read_cpuinfo() -> str | None:
+    """The text of ``/proc/cpuinfo`` (None where there is none: not Linux)."""
     try:
         return CPUINFO.read_text()
     except OSError:
@@ -85,4 +86,4 @@ def apply() -> bool:
     started = getattr(bridge, "backends_are_initialized", lambda: False)
     if bridge is not None and started():
         return False
-    return with_library_dots(os.environ, _read_cpuinfo())
+    return with_library_dots(os.environ, read_cpuinfo())

@@ -40,7 +40,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from atlas_jax.cpu_flags import CPUINFO, cpu_flag_set
+from atlas_jax.cpu_flags import cpu_flag_set, read_cpuinfo
 
 ENV = "ATLAS_JAX_CPU_KERNEL"
 SOURCE = Path(__file__).with_name("cpu_matmul.cc")
@@ -209,13 +209,6 @@ def _register(path: str) -> None:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
 
 
-def _read_cpuinfo() -> str | None:
-    try:
-        return CPUINFO.read_text()
-    except OSError:
-        return None
-
-
 @functools.cache
 def available() -> bool:
     """The kernel is wanted here (`choice`, `cpu_supports`), built and registered; cached per process.
@@ -227,7 +220,7 @@ def available() -> bool:
     want = choice(os.environ)
     if want == "0":
         return False
-    if not cpu_supports(_read_cpuinfo()):
+    if not cpu_supports(read_cpuinfo()):
         if want == "1":
             raise RuntimeError(f"{ENV}=1 but this CPU does not list all of {', '.join(CPU_FLAGS)}")
         return False
