@@ -30,11 +30,14 @@ quickstart: install
 # pytest exits 5 when it collected nothing; make treats every non-zero exit as a failure.
 # `gpu` tests need a real NVIDIA GPU, which CI does not have: they are deselected here (not skipped) and run by
 # tools/gpu_check.sh on a GPU machine. `aot` tests compile for TPU/GPU without one (the aot extra above).
+# `amx` tests run the AMX kernel, which needs an Intel CPU with AMX (Sapphire Rapids or later): deselected the
+# same way where /proc/cpuinfo does not list amx_bf16 (the run prints how many were deselected).
+NO_AMX := $(shell grep -qw amx_bf16 /proc/cpuinfo 2>/dev/null || echo " and not amx")
 test: install-cpu
-	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not gpu$(NO_AMX)" $(PYTEST_ARGS)
 
 test-fast: install-cpu
-	$(PY) -m pytest -q -m "not slow and not vllm and not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not vllm and not gpu$(NO_AMX)" $(PYTEST_ARGS)
 
 lint: install-cpu
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

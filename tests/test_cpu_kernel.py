@@ -122,6 +122,9 @@ def test_flag_parsing_and_cpu_detection():
     assert cpu_matmul.cpu_supports(full)
     assert not cpu_matmul.cpu_supports(full.replace(" avx512_bf16", ""))
     assert not cpu_matmul.cpu_supports(None)
+    # auto: only where they won (no AMX); on an AMX Xeon XLA's dot (or amx_matmul) is faster
+    assert cpu_matmul.pays(full) and not cpu_matmul.pays(full.replace("avx512_bf16", "avx512_bf16 amx_bf16"))
+    assert not cpu_matmul.pays(full.replace(" avx512_bf16", ""))
     # Packing is for one CPU device in bf16 or float32 only.
     assert not cpu_matmul.enabled("cpu", "float16", 1)
     assert not cpu_matmul.enabled("gpu", "bfloat16", 1)

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from atlas_jax.kernels import cpu_matmul
+from atlas_jax.kernels import amx_matmul, cpu_matmul
 from atlas_jax.models import attention
 from atlas_jax.models.config import ModelConfig, RopeScaling
 from atlas_jax.models.sharding import param
@@ -55,6 +55,12 @@ def _packed_einsum(spec: str, a: Array, b: cpu_matmul.PackedWeight) -> Array:
 
 
 def _dot(spec: str, x: Array, y: Array) -> Array:
+    """``einsum(spec, x, y)`` accumulated in f32: on the AMX kernel where `amx_matmul.enabled` and it takes the
+    product (bf16 operands, no batch axes, >= 64 rows), else XLA's dot."""
+    if x.dtype == y.dtype == jnp.bfloat16 and amx_matmul.enabled():
+        out = amx_matmul.einsum(spec, x, y)
+        if out is not None:
+            return out
     return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
 
 

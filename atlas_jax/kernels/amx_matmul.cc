@@ -1,0 +1,189 @@
+// c[M,N] (f32) = a[M,K] @ b[K,N], a and b bf16 row-major, f32 accumulation, with Intel AMX (TDPBF16PS), as an
+// XLA:CPU custom call through the XLA FFI. Built and registered by atlas_jax/kernels/amx_matmul.py, which pads
+// the operands to M % 32 == 0, K % 32 == 0, N % 64 == 0 (this file checks it) and maps einsums onto it.
+//
+// Build (what amx_matmul.py runs): g++ -O3 -std=c++17 -shared -fPIC -mamx-tile -mamx-bf16 -mavx512f
+//     -mavx512bw -I$(python -c "import jax; print(jax.ffi.include_dir())") amx_matmul.cc -o amx_matmul.so
+//
+// Tiles (palette 1, all 16 rows x 64 bytes): C00 C01 C10 C11 = tmm0-3 (16 x 16 f32 each), A0 A1 = tmm4-5
+// (16 rows x 32 bf16 of a, read in place with stride 2K bytes), B0 B1 = tmm6-7 (16 k-pairs x 16 columns x 2,
+// the VNNI layout TDPBF16PS wants). One k-step of 32 is four TDPBF16PS on a 32 x 32 block of c.
+//
+// Work: tasks of (up to kRowsPerTask rows) x (64 columns), claimed from an atomic counter by the calling thread
+// and helpers it schedules on XLA's intra-op pool (the caller waits only for tasks already claimed, so a busy
+// pool cannot deadlock it). A task first re-lays its 64-column panel of b as VNNI pairs in a thread-local
+// buffer [K/2][64][2] (K x 64 values, 1/kRowsPerTask of the task's multiply-adds), then walks its rows 32 at a
+// time.
+//
+// AMX needs the kernel's permission (Linux arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA) once per process:
+// AtlasAmxInit() asks for it and returns 0 when AMX may be used (amx_matmul.py calls it before registering).
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kPanel = 64;          // columns of b per task
+constexpr int kRowsPerTask = 256;   // rows of a per task (the packed panel is reused across them)
+constexpr int kArchReqXcompPerm = 0x1023;
+constexpr int kXfeatureXtiledata = 18;
+
+struct TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+void ConfigureTiles() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+struct Problem {
+  const uint16_t* a;
+  const uint16_t* b;
+  float* c;
+  int64_t m, k, n;
+};
+
+// b[:, col0:col0+64] as [K/2][64][2]: pair q of column j = (b[2q, col0+j], b[2q+1, col0+j]).
+void PackPanel(const Problem& p, int64_t col0, uint16_t* out) {
+  const int64_t n = p.n;
+  for (int64_t q = 0; q < p.k / 2; ++q) {
+    const uint16_t* r0 = p.b + (2 * q) * n + col0;
+    const uint16_t* r1 = r0 + n;
+    uint16_t* dst = out + q * (2 * kPanel);
+    for (int h = 0; h < kPanel; h += 32) {  // interleave 32 columns of two rows with one permute each half
+      const __m512i x0 = _mm512_loadu_si512(r0 + h);
+      const __m512i x1 = _mm512_loadu_si512(r1 + h);
+      const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39,
+                                              7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+      const __m512i hi_idx = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24,
+                                              55, 23, 54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
+      _mm512_storeu_si512(dst + 2 * h, _mm512_permutex2var_epi16(x0, lo_idx, x1));
+      _mm512_storeu_si512(dst + 2 * h + 32, _mm512_permutex2var_epi16(x0, hi_idx, x1));
+    }
+  }
+}
+
+// c[row0:row0+32, col0+c0 : col0+c0+32] from rows of a and the packed panel (columns c0..c0+31 of it).
+void Block32x32(const Problem& p, const uint16_t* panel, int64_t row0, int64_t col0, int c0) {
+  const int64_t k = p.k;
+  const size_t a_stride = static_cast<size_t>(k) * 2;  // bytes
+  const size_t b_stride = 2 * kPanel * 2;              // bytes per k-pair row of the panel
+  const uint16_t* a0 = p.a + row0 * k;
+  const uint16_t* a1 = a0 + 16 * k;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t kk = 0; kk < k; kk += 32) {
+    const uint16_t* bq = panel + (kk / 2) * (2 * kPanel) + 2 * c0;
+    _tile_loadd(4, a0 + kk, a_stride);
+    _tile_loadd(5, a1 + kk, a_stride);
+    _tile_loadd(6, bq, b_stride);
+    _tile_loadd(7, bq + 32, b_stride);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  float* c = p.c + row0 * p.n + col0 + c0;
+  const size_t c_stride = static_cast<size_t>(p.n) * 4;
+  _tile_stored(0, c, c_stride);
+  _tile_stored(1, c + 16, c_stride);
+  _tile_stored(2, c + 16 * p.n, c_stride);
+  _tile_stored(3, c + 16 * p.n + 16, c_stride);
+}
+
+struct Shared {
+  Problem p;
+  int64_t row_tasks = 0, tasks = 0;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+void Drain(Shared& s) {
+  thread_local std::vector<uint16_t> panel;
+  int64_t finished = 0;
+  bool configured = false;
+  for (int64_t i; (i = s.next.fetch_add(1, std::memory_order_relaxed)) < s.tasks;) {
+    if (!configured) {
+      ConfigureTiles();
+      configured = true;
+    }
+    const Problem& p = s.p;
+    const int64_t col0 = (i / s.row_tasks) * kPanel;
+    const int64_t r_begin = (i % s.row_tasks) * kRowsPerTask;
+    const int64_t r_end = std::min<int64_t>(r_begin + kRowsPerTask, p.m);
+    if (panel.size() < static_cast<size_t>(p.k * kPanel)) panel.resize(p.k * kPanel);
+    PackPanel(p, col0, panel.data());
+    for (int64_t r = r_begin; r < r_end; r += 32) {
+      Block32x32(p, panel.data(), r, col0, 0);
+      Block32x32(p, panel.data(), r, col0, 32);
+    }
+    ++finished;
+  }
+  if (configured) _tile_release();
+  if (finished) s.done.fetch_add(finished, std::memory_order_release);
+}
+
+ffi::Error AmxMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b,
+                         ffi::ResultBuffer<ffi::F32> c) {
+  auto ad = a.dimensions();
+  auto bd = b.dimensions();
+  if (ad.size() != 2 || bd.size() != 2 || ad[1] != bd[0] || ad[0] % 32 || ad[1] % 32 || bd[1] % kPanel)
+    return ffi::Error::InvalidArgument(
+        "atlas_amx_matmul: expected a[M,K] and b[K,N] with M % 32 == 0, K % 32 == 0, N % 64 == 0");
+  auto s = std::make_shared<Shared>();
+  s->p = Problem{reinterpret_cast<const uint16_t*>(a.typed_data()),
+                 reinterpret_cast<const uint16_t*>(b.typed_data()), c->typed_data(), ad[0], ad[1], bd[1]};
+  if (s->p.m == 0 || s->p.n == 0) return ffi::Error::Success();
+  if (s->p.k == 0) {
+    std::memset(s->p.c, 0, sizeof(float) * s->p.m * s->p.n);
+    return ffi::Error::Success();
+  }
+  s->row_tasks = (s->p.m + kRowsPerTask - 1) / kRowsPerTask;
+  s->tasks = s->row_tasks * (s->p.n / kPanel);
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), s->tasks) - 1;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([s] { Drain(*s); });
+  Drain(*s);
+  while (s->done.load(std::memory_order_acquire) < s->tasks) _mm_pause();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// 0 when this process may use AMX tiles (asks the kernel once), else the errno of the refusal.
+extern "C" int AtlasAmxInit() {
+  static const int status = [] {
+    if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0) return 0;
+    return errno ? errno : -1;
+  }();
+  return status;
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AtlasAmxMatmul, AmxMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
