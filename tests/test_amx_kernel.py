@@ -9,6 +9,8 @@ does `gpu` tests (conftest `AMX_CPU`); the mapping, flag and fallback tests run 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,14 +55,28 @@ def _err(y, ref) -> float:
     ("m", "k", "n"),
     [(32, 32, 64), (1, 7, 5), (33, 70, 130), (64, 512, 1408), (300, 96, 64), (2304, 64, 192), (96, 1000, 65)],
 )
-def test_kernel_matches_a_float64_product(kernel, m, k, n):
+@pytest.mark.parametrize(("a_t", "b_t"), [(False, False), (True, False), (False, True), (True, True)])
+def test_kernel_matches_a_float64_product(kernel, m, k, n, a_t, b_t):
     """Exact tile multiples and every kind of padding: M, K below/above 32, N not a multiple of 64, more rows
-    than one 256-row task."""
+    than one 256-row task; each operand stored as is or transposed."""
     rng = np.random.default_rng(m * 7 + k * 3 + n)
     a, b = _arr(rng, (m, k)), _arr(rng, (k, n))
-    y = jax.jit(amx_matmul.matmul)(a, b)
+    y = jax.jit(functools.partial(amx_matmul.matmul, a_t=a_t, b_t=b_t))(a.T if a_t else a, b.T if b_t else b)
     assert y.shape == (m, n) and y.dtype == jnp.float32
     assert _err(y, np.asarray(a, np.float64) @ np.asarray(b, np.float64)) <= TOL
+
+
+@amx
+def test_bf16_output_is_the_rounded_f32_product(kernel):
+    """out_dtype=bf16 equals the f32 product rounded to nearest even (what XLA's convert does), bit for bit."""
+    rng = np.random.default_rng(5)
+    a, b = _arr(rng, (96, 160)), _arr(rng, (160, 192))
+    y32 = jax.jit(amx_matmul.matmul)(a, b)
+    y16 = jax.jit(functools.partial(amx_matmul.matmul, out_dtype=jnp.bfloat16))(a, b)
+    assert y16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(
+        np.asarray(y16, np.float32), np.asarray(y32.astype(jnp.bfloat16), np.float32)
+    )
 
 
 @amx
@@ -80,17 +96,35 @@ SPECS = [  # the model's products (forward, and the backward ones layers.einsum 
 ]
 
 
+NO_COPY = {  # (a_t, b_t) each spec reaches the kernel with
+    "btd,dhk->bthk": (False, False),
+    "bthk,hkd->btd": (False, False),
+    "btd,df->btf": (False, False),
+    "btd,vd->btv": (False, True),
+    "btf,btd->fd": (True, False),
+    "bthk,btd->dhk": (True, False),  # operands swapped: c = ctᵀ·a
+}
+
+
 @pytest.mark.parametrize(("spec", "sa", "sb"), SPECS)
 def test_einsum_mapping_matches_jnp(monkeypatch, spec, sa, sb):
     """The transpose/reshape onto [M,K]·[K,N] and back, with the kernel replaced by XLA's product of the same
     2-D operands (runs on any CPU): equal to jnp.einsum up to f32 summation order."""
-    monkeypatch.setattr(amx_matmul, "matmul", lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    calls = []
+
+    def reference(a, b, *, a_t, b_t, out_dtype):  # the kernel's contract, on XLA
+        calls.append((a_t, b_t))
+        a, b = a.T if a_t else a, b.T if b_t else b
+        return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(out_dtype)
+
+    monkeypatch.setattr(amx_matmul, "matmul", reference)
     rng = np.random.default_rng(len(spec))
     a, b = _arr(rng, sa), _arr(rng, sb)
     got = amx_matmul.einsum(spec, a, b)
     want = np.einsum(spec, np.asarray(a, np.float64), np.asarray(b, np.float64))
     assert got is not None and got.shape == want.shape and got.dtype == jnp.float32
     assert _err(got, want) <= TOL
+    assert calls == [NO_COPY[spec]]  # the stored layout goes to the kernel (no transposed copy)
 
 
 def test_einsum_declines_what_it_does_not_take():
@@ -115,14 +149,16 @@ def test_layers_einsum_gradients_on_the_kernel(kernel, spec, sa, sb):
     w = _arr(rng, jnp.einsum(spec, a, b).shape).astype(jnp.float32)
 
     def loss(a, b):
-        return jnp.sum(layers.einsum(spec, a, b, jnp.bfloat16).astype(jnp.float32) * w)
+        y = layers.einsum(spec, a, b, jnp.bfloat16).astype(jnp.float32)
+        return jnp.sum(y * w), y  # compared element by element (the sum cancels: no scale for a tolerance)
 
-    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
     with jax.set_mesh(ONE_DEVICE):  # the tests' process has 8 CPU devices
-        assert grad.lower(a, b).as_text().count(amx_matmul.TARGET) == 3  # forward, ∂a, ∂b
-        got = grad(a, b)
-    want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(a, b)  # 8 devices, no mesh: XLA's dot
-    assert amx_matmul.TARGET not in jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(a, b).as_text()
+        assert grad.lower(a, b).as_text().count(amx_matmul.TARGET_BF16) == 1  # forward, rounded in the kernel
+        assert grad.lower(a, b).as_text().count("atlas_amx_matmul") == 3  # forward, ∂a, ∂b
+        (_, got_y), got = grad(a, b)
+    (_, want_y), want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(a, b)  # 8 devices
+    assert _err(got_y, want_y) <= 1e-2
     for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert _err(g, r) <= 2e-2
 
@@ -131,7 +167,7 @@ def test_off_uses_xla(no_kernel):
     with jax.set_mesh(ONE_DEVICE):
         assert not amx_matmul.available() and not amx_matmul.enabled()
         a, b = jnp.ones((64, 32), jnp.bfloat16), jnp.ones((32, 64), jnp.bfloat16)
-        text = jax.jit(lambda a, b: layers._dot("td,df->tf", a, b)).lower(a, b).as_text()
+        text = jax.jit(lambda a, b: layers._dot("td,df->tf", a, b, jnp.float32)).lower(a, b).as_text()
     assert amx_matmul.TARGET not in text
 
 

@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -58,87 +59,144 @@ void ConfigureTiles() {
 }
 
 struct Problem {
-  const uint16_t* a;
-  const uint16_t* b;
-  float* c;
+  const uint16_t* a;  // [M, K] (a_t = false) or [K, M] (a_t = true)
+  const uint16_t* b;  // [K, N] (b_t = false) or [N, K] (b_t = true)
+  void* c;            // [M, N], f32 or bf16
   int64_t m, k, n;
+  bool a_t, b_t, bf16_out;
 };
 
-// b[:, col0:col0+64] as [K/2][64][2]: pair q of column j = (b[2q, col0+j], b[2q+1, col0+j]).
-void PackPanel(const Problem& p, int64_t col0, uint16_t* out) {
-  const int64_t n = p.n;
+// Phase 1 work, per 64-column panel p: b[:, 64p:64p+64] as [K/2][64][2] at packed + p * K * 64, pair q of
+// column j = (b[2q, 64p+j], b[2q+1, 64p+j]).
+void PackPanel(const Problem& p, int64_t panel, uint16_t* packed) {
+  const int64_t col0 = panel * kPanel;
+  uint16_t* out = packed + panel * p.k * kPanel;
+  if (p.b_t) {  // b stored [N, K]: pair (b[2q, j], b[2q+1, j]) is one 32-bit word of row j
+    for (int j = 0; j < kPanel; ++j) {
+      const uint32_t* row = reinterpret_cast<const uint32_t*>(p.b + (col0 + j) * p.k);
+      uint32_t* dst = reinterpret_cast<uint32_t*>(out) + j;
+      for (int64_t q = 0; q < p.k / 2; ++q) dst[q * kPanel] = row[q];
+    }
+    return;
+  }
+  const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7,
+                                          38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi_idx = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55,
+                                          23, 54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
   for (int64_t q = 0; q < p.k / 2; ++q) {
-    const uint16_t* r0 = p.b + (2 * q) * n + col0;
-    const uint16_t* r1 = r0 + n;
+    const uint16_t* r0 = p.b + (2 * q) * p.n + col0;
+    const uint16_t* r1 = r0 + p.n;
     uint16_t* dst = out + q * (2 * kPanel);
-    for (int h = 0; h < kPanel; h += 32) {  // interleave 32 columns of two rows with one permute each half
+    for (int h = 0; h < kPanel; h += 32) {  // interleave 32 columns of the two rows, 16 pairs per store
       const __m512i x0 = _mm512_loadu_si512(r0 + h);
       const __m512i x1 = _mm512_loadu_si512(r1 + h);
-      const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39,
-                                              7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-      const __m512i hi_idx = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24,
-                                              55, 23, 54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
       _mm512_storeu_si512(dst + 2 * h, _mm512_permutex2var_epi16(x0, lo_idx, x1));
       _mm512_storeu_si512(dst + 2 * h + 32, _mm512_permutex2var_epi16(x0, hi_idx, x1));
     }
   }
 }
 
-// c[row0:row0+32, col0+c0 : col0+c0+32] from rows of a and the packed panel (columns c0..c0+31 of it).
-void Block32x32(const Problem& p, const uint16_t* panel, int64_t row0, int64_t col0, int c0) {
+// Phase 1 work for a stored [K, M], per 32-row block r: rows r*32.. of a as [32][K] at at + r * 32 * K.
+void TransposeRows(const Problem& p, int64_t block, uint16_t* at) {
+  const int64_t m0 = block * 32;
+  for (int64_t k0 = 0; k0 < p.k; k0 += 32)
+    for (int64_t i = 0; i < 32; ++i) {
+      uint16_t* dst = at + (m0 + i) * p.k + k0;
+      const uint16_t* src = p.a + k0 * p.m + m0 + i;
+      for (int64_t kk = 0; kk < 32; ++kk) dst[kk] = src[kk * p.m];
+    }
+}
+
+inline void StoreBf16(float* tile, uint16_t* dst, size_t stride_elems) {
+  for (int r = 0; r < 16; ++r) {
+    const __m512 v = _mm512_loadu_ps(tile + 16 * r);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + r * stride_elems), (__m256i)_mm512_cvtneps_pbh(v));
+  }
+}
+
+// c[row0:row0+32, col0+c0 : col0+c0+32] from rows of a (k contiguous, row stride a_stride elements) and the
+// packed panel (its columns c0..c0+31).
+void Block32x32(const Problem& p, const uint16_t* a, int64_t a_stride, const uint16_t* panel, int64_t row0,
+                int64_t col0, int c0) {
   const int64_t k = p.k;
-  const size_t a_stride = static_cast<size_t>(k) * 2;  // bytes
-  const size_t b_stride = 2 * kPanel * 2;              // bytes per k-pair row of the panel
-  const uint16_t* a0 = p.a + row0 * k;
-  const uint16_t* a1 = a0 + 16 * k;
+  const size_t a_bytes = static_cast<size_t>(a_stride) * 2;
+  const size_t b_bytes = 2 * kPanel * 2;  // bytes per k-pair row of the panel
+  const uint16_t* a0 = a + row0 * a_stride;
+  const uint16_t* a1 = a0 + 16 * a_stride;
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
   for (int64_t kk = 0; kk < k; kk += 32) {
     const uint16_t* bq = panel + (kk / 2) * (2 * kPanel) + 2 * c0;
-    _tile_loadd(4, a0 + kk, a_stride);
-    _tile_loadd(5, a1 + kk, a_stride);
-    _tile_loadd(6, bq, b_stride);
-    _tile_loadd(7, bq + 32, b_stride);
+    _tile_loadd(4, a0 + kk, a_bytes);
+    _tile_loadd(5, a1 + kk, a_bytes);
+    _tile_loadd(6, bq, b_bytes);
+    _tile_loadd(7, bq + 32, b_bytes);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
     _tile_dpbf16ps(2, 5, 6);
     _tile_dpbf16ps(3, 5, 7);
   }
-  float* c = p.c + row0 * p.n + col0 + c0;
-  const size_t c_stride = static_cast<size_t>(p.n) * 4;
-  _tile_stored(0, c, c_stride);
-  _tile_stored(1, c + 16, c_stride);
-  _tile_stored(2, c + 16 * p.n, c_stride);
-  _tile_stored(3, c + 16 * p.n + 16, c_stride);
+  if (!p.bf16_out) {
+    float* c = static_cast<float*>(p.c) + row0 * p.n + col0 + c0;
+    const size_t c_stride = static_cast<size_t>(p.n) * 4;
+    _tile_stored(0, c, c_stride);
+    _tile_stored(1, c + 16, c_stride);
+    _tile_stored(2, c + 16 * p.n, c_stride);
+    _tile_stored(3, c + 16 * p.n + 16, c_stride);
+    return;
+  }
+  alignas(64) float tile[4][256];
+  _tile_stored(0, tile[0], 64);
+  _tile_stored(1, tile[1], 64);
+  _tile_stored(2, tile[2], 64);
+  _tile_stored(3, tile[3], 64);
+  uint16_t* c = static_cast<uint16_t*>(p.c) + row0 * p.n + col0 + c0;
+  StoreBf16(tile[0], c, p.n);
+  StoreBf16(tile[1], c + 16, p.n);
+  StoreBf16(tile[2], c + 16 * p.n, p.n);
+  StoreBf16(tile[3], c + 16 * p.n + 16, p.n);
 }
 
 struct Shared {
   Problem p;
-  int64_t row_tasks = 0, tasks = 0;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
+  uint16_t* packed = nullptr;      // b as VNNI panels, [N/64][K/2][64][2]
+  uint16_t* at = nullptr;          // a as [M][K] when stored [K, M]
+  int64_t pack_tasks = 0, row_tasks = 0, tasks = 0;
+  std::atomic<int64_t> next_pack{0}, packed_done{0};
+  std::atomic<int64_t> next{0}, done{0};
 };
 
 void Drain(Shared& s) {
-  thread_local std::vector<uint16_t> panel;
+  const Problem& p = s.p;
+  const int64_t panels = p.n / kPanel;
   int64_t finished = 0;
+  for (int64_t i; (i = s.next_pack.fetch_add(1, std::memory_order_relaxed)) < s.pack_tasks;) {
+    if (i < panels)
+      PackPanel(p, i, s.packed);
+    else
+      TransposeRows(p, i - panels, s.at);
+    ++finished;
+  }
+  if (finished) s.packed_done.fetch_add(finished, std::memory_order_acq_rel);
+  // Phase 2 needs all of phase 1; every unfinished phase-1 task is held by a running thread.
+  while (s.packed_done.load(std::memory_order_acquire) < s.pack_tasks) _mm_pause();
+  const uint16_t* a = p.a_t ? s.at : p.a;
+  finished = 0;
   bool configured = false;
   for (int64_t i; (i = s.next.fetch_add(1, std::memory_order_relaxed)) < s.tasks;) {
     if (!configured) {
       ConfigureTiles();
       configured = true;
     }
-    const Problem& p = s.p;
-    const int64_t col0 = (i / s.row_tasks) * kPanel;
+    const int64_t panel = i / s.row_tasks;
     const int64_t r_begin = (i % s.row_tasks) * kRowsPerTask;
     const int64_t r_end = std::min<int64_t>(r_begin + kRowsPerTask, p.m);
-    if (panel.size() < static_cast<size_t>(p.k * kPanel)) panel.resize(p.k * kPanel);
-    PackPanel(p, col0, panel.data());
+    const uint16_t* packed = s.packed + panel * p.k * kPanel;
     for (int64_t r = r_begin; r < r_end; r += 32) {
-      Block32x32(p, panel.data(), r, col0, 0);
-      Block32x32(p, panel.data(), r, col0, 32);
+      Block32x32(p, a, p.k, packed, r, panel * kPanel, 0);
+      Block32x32(p, a, p.k, packed, r, panel * kPanel, 32);
     }
     ++finished;
   }
@@ -146,28 +204,54 @@ void Drain(Shared& s) {
   if (finished) s.done.fetch_add(finished, std::memory_order_release);
 }
 
-ffi::Error AmxMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b,
-                         ffi::ResultBuffer<ffi::F32> c) {
+// Scratch that outlives one call, one per calling thread (concurrent calls come from different threads).
+uint16_t* Scratch(std::vector<uint16_t>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+ffi::Error Run(ffi::ThreadPool& pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b, void* c_data,
+               bool bf16_out, bool a_t, bool b_t) {
   auto ad = a.dimensions();
   auto bd = b.dimensions();
-  if (ad.size() != 2 || bd.size() != 2 || ad[1] != bd[0] || ad[0] % 32 || ad[1] % 32 || bd[1] % kPanel)
+  if (ad.size() != 2 || bd.size() != 2)
+    return ffi::Error::InvalidArgument("atlas_amx_matmul: expected two matrices");
+  const int64_t m = a_t ? ad[1] : ad[0], k = a_t ? ad[0] : ad[1];
+  const int64_t n = b_t ? bd[0] : bd[1], kb = b_t ? bd[1] : bd[0];
+  if (k != kb || m % 32 || k % 32 || n % kPanel)
     return ffi::Error::InvalidArgument(
-        "atlas_amx_matmul: expected a[M,K] and b[K,N] with M % 32 == 0, K % 32 == 0, N % 64 == 0");
+        "atlas_amx_matmul: expected a[M,K] and b[K,N] (either stored transposed) with M % 32 == 0, "
+        "K % 32 == 0, N % 64 == 0");
   auto s = std::make_shared<Shared>();
   s->p = Problem{reinterpret_cast<const uint16_t*>(a.typed_data()),
-                 reinterpret_cast<const uint16_t*>(b.typed_data()), c->typed_data(), ad[0], ad[1], bd[1]};
-  if (s->p.m == 0 || s->p.n == 0) return ffi::Error::Success();
-  if (s->p.k == 0) {
-    std::memset(s->p.c, 0, sizeof(float) * s->p.m * s->p.n);
+                 reinterpret_cast<const uint16_t*>(b.typed_data()),
+                 c_data, m, k, n, a_t, b_t, bf16_out};
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  if (k == 0) {
+    std::memset(s->p.c, 0, (s->p.bf16_out ? 2 : 4) * m * n);
     return ffi::Error::Success();
   }
-  s->row_tasks = (s->p.m + kRowsPerTask - 1) / kRowsPerTask;
-  s->tasks = s->row_tasks * (s->p.n / kPanel);
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), s->tasks) - 1;
+  thread_local std::vector<uint16_t> packed_buf, at_buf;
+  s->packed = Scratch(packed_buf, static_cast<size_t>(k) * n);
+  if (a_t) s->at = Scratch(at_buf, static_cast<size_t>(m) * k);
+  s->pack_tasks = n / kPanel + (a_t ? m / 32 : 0);
+  s->row_tasks = (m + kRowsPerTask - 1) / kRowsPerTask;
+  s->tasks = s->row_tasks * (n / kPanel);
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), std::max(s->tasks, s->pack_tasks)) - 1;
   for (int64_t h = 0; h < helpers; ++h) pool.Schedule([s] { Drain(*s); });
   Drain(*s);
   while (s->done.load(std::memory_order_acquire) < s->tasks) _mm_pause();
   return ffi::Error::Success();
+}
+
+ffi::Error F32Out(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b,
+                  ffi::ResultBuffer<ffi::F32> c, bool a_t, bool b_t) {
+  return Run(pool, a, b, c->untyped_data(), false, a_t, b_t);
+}
+
+ffi::Error Bf16Out(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b,
+                   ffi::ResultBuffer<ffi::BF16> c, bool a_t, bool b_t) {
+  return Run(pool, a, b, c->untyped_data(), true, a_t, b_t);
 }
 
 }  // namespace
@@ -181,9 +265,20 @@ extern "C" int AtlasAmxInit() {
   return status;
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AtlasAmxMatmul, AmxMatmulImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AtlasAmxMatmul, F32Out,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("a_t")
+                                  .Attr<bool>("b_t"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AtlasAmxMatmulBf16, Bf16Out,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Attr<bool>("a_t")
+                                  .Attr<bool>("b_t"));

@@ -36,9 +36,20 @@ from atlas_jax.kernels import build as _build
 
 ENV = "ATLAS_JAX_AMX"
 SOURCE = Path(__file__).with_name("amx_matmul.cc")
-TARGET, SYMBOL = "atlas_amx_matmul", "AtlasAmxMatmul"
-CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512f", "avx512bw")
-CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bw")
+TARGET, TARGET_BF16 = "atlas_amx_matmul", "atlas_amx_matmul_bf16"  # f32 / bf16 output
+SYMBOLS = {TARGET: "AtlasAmxMatmul", TARGET_BF16: "AtlasAmxMatmulBf16"}
+CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512_bf16")
+CXX_FLAGS = (
+    "-O3",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+    "-mamx-tile",
+    "-mamx-bf16",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512bf16",
+)
 ROW_MULTIPLE, K_MULTIPLE, COL_MULTIPLE = 32, 32, 64  # what amx_matmul.cc requires (it checks)
 MIN_ROWS = 64  # below this a product stays with XLA (decode-sized: the per-call re-layout of b does not pay)
 
@@ -72,7 +83,8 @@ def _register(path: str) -> None:
         raise RuntimeError(
             f"{ENV}: the kernel refused this process AMX tile state (arch_prctl errno {status})"
         )
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(lib, SYMBOL)), platform="cpu")
+    for target, symbol in SYMBOLS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
 
 
 @functools.cache
@@ -121,26 +133,41 @@ def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
     return jnp.pad(x, widths)
 
 
-def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a[M, K] · b[K, N]`` of two bf16 matrices in float32 (operands zero-padded as the kernel needs)."""
-    m, k = a.shape
-    k2, n = b.shape
-    if k != k2 or a.dtype != jnp.bfloat16 or b.dtype != jnp.bfloat16:
-        raise ValueError(
-            f"matmul: needs bf16 a[M,K] and b[K,N], got {a.dtype}{a.shape} and {b.dtype}{b.shape}"
-        )
-    a = _pad_to(_pad_to(a, 0, ROW_MULTIPLE), 1, K_MULTIPLE)
-    b = _pad_to(_pad_to(b, 0, K_MULTIPLE), 1, COL_MULTIPLE)
-    call = jax.ffi.ffi_call(
-        TARGET, jax.ShapeDtypeStruct((a.shape[0], b.shape[1]), jnp.float32), vmap_method="sequential"
-    )
-    c = call(a, b)
+def matmul(
+    a: jax.Array,
+    b: jax.Array,
+    *,
+    a_t: bool = False,
+    b_t: bool = False,
+    out_dtype: jnp.dtype | str = jnp.float32,
+) -> jax.Array:
+    """``A[M, K] · B[K, N]`` of two bf16 matrices, summed in float32, returned in ``out_dtype`` (f32 or bf16,
+    rounded to nearest even).
+
+    ``a`` is ``A`` (``a_t`` False) or ``Aᵀ`` stored ``[K, M]``; ``b`` is ``B`` or ``Bᵀ`` stored ``[N, K]``: the
+    kernel reads either layout, so the products of a backward pass need no transposed copies. Operands are
+    zero-padded to what the kernel needs (M, K multiples of 32, N of 64).
+    """
+    out_dtype = jnp.dtype(out_dtype)
+    if a.dtype != jnp.bfloat16 or b.dtype != jnp.bfloat16 or a.ndim != 2 or b.ndim != 2:
+        raise ValueError(f"matmul: needs two bf16 matrices, got {a.dtype}{a.shape} and {b.dtype}{b.shape}")
+    if out_dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f"matmul: out_dtype {out_dtype} is not float32 or bfloat16")
+    (m, k), (k2, n) = a.shape[:: -1 if a_t else 1], b.shape[:: -1 if b_t else 1]
+    if k != k2:
+        raise ValueError(f"matmul: contracted sizes differ ({k} vs {k2}; a_t={a_t}, b_t={b_t})")
+    a = _pad_to(_pad_to(a, int(a_t), ROW_MULTIPLE), 1 - int(a_t), K_MULTIPLE)
+    b = _pad_to(_pad_to(b, int(b_t), K_MULTIPLE), 1 - int(b_t), COL_MULTIPLE)
+    mp, np_ = a.shape[1 if a_t else 0], b.shape[0 if b_t else 1]
+    target = TARGET if out_dtype == jnp.float32 else TARGET_BF16
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((mp, np_), out_dtype), vmap_method="sequential")
+    c = call(a, b, a_t=bool(a_t), b_t=bool(b_t))
     return c[:m, :n] if c.shape != (m, n) else c
 
 
 def plan(spec: str) -> tuple[str, str, str] | None:
-    """``(free_a, contracted, free_b)`` axis letters of ``spec`` in the order `einsum` lays them out, or None
-    for a spec it does not take (batch axes shared by both operands and the output, an axis of one operand
+    """``(free_a, contracted, free_b)`` axis letters of ``spec`` (free ones in output order), or None for a
+    spec `einsum` does not take (batch axes shared by both operands and the output, an axis of one operand
     summed away, repeated letters, ellipses)."""
     if "." in spec or "->" not in spec:
         return None
@@ -158,9 +185,25 @@ def plan(spec: str) -> tuple[str, str, str] | None:
     return free_a, con, free_b
 
 
-def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array | None:
-    """``jnp.einsum(spec, a, b, preferred_element_type=float32)`` for bf16 ``a``, ``b`` on the kernel, or None
-    where it does not apply (see `plan`; fewer than `MIN_ROWS` rows of ``a``'s free axes)."""
+def _as_matrix(x: jax.Array, letters: str, rows: str, cols: str) -> tuple[jax.Array, bool]:
+    """``x`` (axes ``letters``) as a ``[rows, cols]`` matrix, or as its transpose ``[cols, rows]`` when that is
+    how it is stored (second value True); a transposed copy only when neither layout is a reshape."""
+    sizes = dict(zip(letters, x.shape, strict=True))
+    r, c = math.prod(sizes[x_] for x_ in rows), math.prod(sizes[x_] for x_ in cols)
+    if letters == rows + cols:
+        return x.reshape(r, c), False
+    if letters == cols + rows:
+        return x.reshape(c, r), True
+    return jnp.transpose(x, [letters.index(x_) for x_ in rows + cols]).reshape(r, c), False
+
+
+def einsum(
+    spec: str, a: jax.Array, b: jax.Array, out_dtype: jnp.dtype | str = jnp.float32
+) -> jax.Array | None:
+    """``jnp.einsum(spec, a, b, preferred_element_type=float32).astype(out_dtype)`` for bf16 ``a``, ``b`` on
+    the kernel, or None where it does not apply (see `plan`; fewer than `MIN_ROWS` rows of ``a``'s free
+    axes). The operands are passed in whichever stored layout they have (`matmul`'s ``a_t``/``b_t``); when
+    the output lists ``b``'s free axes first the operands swap roles, so no output transpose is needed either."""
     layout = plan(spec)
     if layout is None or a.dtype != jnp.bfloat16 or b.dtype != jnp.bfloat16:
         return None
@@ -168,13 +211,15 @@ def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array | None:
     ins, out = spec.split("->")
     sa, sb = ins.split(",")
     size = {**dict(zip(sa, a.shape, strict=True)), **dict(zip(sb, b.shape, strict=True))}
-    m = math.prod(size[c] for c in free_a)
-    if m < MIN_ROWS:
+    if math.prod(size[c] for c in free_a) < MIN_ROWS:
         return None
-    k, n = math.prod(size[c] for c in con), math.prod(size[c] for c in free_b)
-    a2 = jnp.transpose(a, [sa.index(c) for c in free_a + con]).reshape(m, k)
-    b2 = jnp.transpose(b, [sb.index(c) for c in con + free_b]).reshape(k, n)
-    c = matmul(a2, b2).reshape([size[x] for x in free_a + free_b])
+    if out != free_a + free_b and out == free_b + free_a:  # c = (b-side)·(a-side)
+        a, b, sa, sb, free_a, free_b = b, a, sb, sa, free_b, free_a
+    con = "".join(c for c in sa if c in con)  # the contracted axes in a's stored order
+    a2, a_t = _as_matrix(a, sa, free_a, con)
+    b2, b_t = _as_matrix(b, sb, con, free_b)
+    c = matmul(a2, b2, a_t=a_t, b_t=b_t, out_dtype=out_dtype)
+    c = c.reshape([size[x] for x in free_a + free_b])
     order = free_a + free_b
     perm = [order.index(x) for x in out]
     return c if perm == sorted(perm) else jnp.transpose(c, perm)

@@ -54,14 +54,17 @@ def _packed_einsum(spec: str, a: Array, b: cpu_matmul.PackedWeight) -> Array:
     return cpu_matmul.matmul(a, b)
 
 
-def _dot(spec: str, x: Array, y: Array) -> Array:
-    """``einsum(spec, x, y)`` accumulated in f32: on the AMX kernel where `amx_matmul.enabled` and it takes the
-    product (bf16 operands, no batch axes, >= 64 rows), else XLA's dot."""
-    if x.dtype == y.dtype == jnp.bfloat16 and amx_matmul.enabled():
-        out = amx_matmul.einsum(spec, x, y)
+def _dot(spec: str, x: Array, y: Array, out_dtype: jnp.dtype) -> Array:
+    """``einsum(spec, x, y)`` accumulated in f32, returned in ``out_dtype``: on the AMX kernel where
+    `amx_matmul.enabled` and it takes the product (bf16 operands, no batch axes, >= 64 rows), else XLA's dot."""
+    if x.dtype == y.dtype == jnp.bfloat16 and out_dtype in _KERNEL_OUT and amx_matmul.enabled():
+        out = amx_matmul.einsum(spec, x, y, out_dtype)
         if out is not None:
             return out
-    return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
+    return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+_KERNEL_OUT = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 @functools.cache
@@ -70,22 +73,20 @@ def _mixed_einsum(spec: str, dtype: jnp.dtype, a_dtype: jnp.dtype, b_dtype: jnp.
     ins, out = spec.split("->")
     sa, sb = ins.split(",")
     if not (set(sa) <= set(out) | set(sb) and set(sb) <= set(out) | set(sa)):
-        return lambda a, b: _dot(spec, a.astype(dtype), b.astype(dtype)).astype(dtype)  # no einsum transpose
+        return lambda a, b: _dot(spec, a.astype(dtype), b.astype(dtype), dtype)  # no einsum transpose
 
     @jax.custom_vjp
     def f(a, b):
-        return _dot(spec, a.astype(dtype), b.astype(dtype)).astype(dtype)
+        return _dot(spec, a.astype(dtype), b.astype(dtype), dtype)
 
     def fwd(a, b):
         a, b = a.astype(dtype), b.astype(dtype)
-        return _dot(spec, a, b).astype(dtype), (a, b)
+        return _dot(spec, a, b, dtype), (a, b)
 
     def bwd(res, ct):
         a, b = res
         ct = ct.astype(dtype)
-        return _dot(f"{out},{sb}->{sa}", ct, b).astype(a_dtype), _dot(f"{sa},{out}->{sb}", a, ct).astype(
-            b_dtype
-        )
+        return _dot(f"{out},{sb}->{sa}", ct, b, a_dtype), _dot(f"{sa},{out}->{sb}", a, ct, b_dtype)
 
     f.defvjp(fwd, bwd)
     return f
