@@ -257,3 +257,34 @@ def test_a_decoder_trains_the_same_on_the_kernel(kernel, model_type):
     assert abs(float(got_loss) - float(want_loss)) <= 1e-2 * abs(float(want_loss))
     for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert _err(g, r) <= 5e-2
+
+
+@amx
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 64, 64), (16, 896, 300), (64, 512, 1408), (70, 33, 130)])
+@pytest.mark.parametrize("contract", [1, 2])
+def test_packed_weights_match_a_float64_product(kernel, m, k, n, contract):
+    """The sampler's AMX layout (`cpu_matmul.pack(..., amx=True)`: K padded to 32): `cpu_matmul.matmul` on it
+    (decode row counts 1-70) against float64, and `unpack`/`columns` read the same weight back."""
+    from atlas_jax.kernels import cpu_matmul
+
+    rng = np.random.default_rng(m + k + n + contract)
+    shape = (k, n) if contract == 1 else (k // 16 if k % 16 == 0 else k, 16 if k % 16 == 0 else 1, n)
+    w = _arr(rng, shape)
+    x = _arr(rng, (m, *shape[:contract]))
+    p = cpu_matmul.pack(w, contract, jnp.bfloat16, amx=True)
+    assert p.amx and p.wp.shape == cpu_matmul.packed_shape(k, n, jnp.bfloat16, amx=True)
+    assert p.wp.shape[1] % 16 == 0
+    y = jax.jit(cpu_matmul.matmul)(x, p)
+    ref = np.asarray(x, np.float64).reshape(m, k) @ np.asarray(w, np.float64).reshape(k, n)
+    assert y.shape == (m, *shape[contract:]) and _err(y.reshape(m, n), ref) <= TOL
+    np.testing.assert_array_equal(np.asarray(cpu_matmul.unpack(p), np.float32), np.asarray(w, np.float32))
+    if contract == 1:
+        ids = jnp.asarray([0, n - 1, n // 2], jnp.int32)
+        np.testing.assert_array_equal(np.asarray(cpu_matmul.columns(p, ids)), np.asarray(w[:, ids].T))
+
+
+def test_amx_packing_needs_bf16():
+    from atlas_jax.kernels import cpu_matmul
+
+    with pytest.raises(ValueError, match="bfloat16"):
+        cpu_matmul.pack(jnp.ones((64, 64)), 1, jnp.float32, amx=True)

@@ -118,7 +118,7 @@ def _embedding(path: tuple) -> bool:
 
 
 def rollout_shardings(
-    state: nnx.State, mesh: Mesh, *, transpose_table: bool = False, pack: bool = False
+    state: nnx.State, mesh: Mesh, *, transpose_table: bool = False, pack: bool = False, amx: bool = False
 ) -> nnx.State:
     """`NamedSharding` of each leaf of `decode_layout` ``(state, ..., transpose_table, pack)`` under `DECODE_RULES`.
 
@@ -140,7 +140,9 @@ def rollout_shardings(
             stacked = _stacked(path)
             one_shape = shape[1:] if stacked else shape
             one_shape = one_shape[::-1] if transpose else one_shape
-            rep = cpu_matmul.PackedWeight(NamedSharding(mesh, PartitionSpec()), tuple(one_shape), contract)
+            rep = cpu_matmul.PackedWeight(
+                NamedSharding(mesh, PartitionSpec()), tuple(one_shape), contract, amx
+            )
             return v.replace((rep,) * shape[0] if stacked else rep)
         if transpose_table and _embedding(path):
             return v.replace(TransposedTable(sharding(None if axes is None else axes[::-1], shape[::-1])))
@@ -219,16 +221,17 @@ def decode_layout(
     `Decoder` runs such a state like the model's own (`Decoder._run_layers`).
     """
     cast = _to_dtype(jnp.dtype(dtype))
+    packer = functools.partial(cpu_matmul.pack, dtype=dtype, amx=pack and cpu_matmul.uses_amx(dtype))
 
     def one(path: tuple, v: nnx.Variable) -> nnx.Variable:
         x = v.get_value()
         if pack and (packed := _packing(path, v, bool(transpose_table))) is not None:
             contract, transpose = packed
             if transpose:
-                return v.replace(cpu_matmul.pack(x.T, contract, dtype))
+                return v.replace(packer(x.T, contract))
             if not _stacked(path):
-                return v.replace(cpu_matmul.pack(x, contract, dtype))
-            return v.replace(tuple(cpu_matmul.pack(x[i], contract, dtype) for i in range(x.shape[0])))
+                return v.replace(packer(x, contract))
+            return v.replace(tuple(packer(x[i], contract) for i in range(x.shape[0])))
         if transpose_table and _embedding(path):
             return v.replace(TransposedTable(cast(x).T))
         if not _stacked(path):
@@ -273,8 +276,9 @@ def _rollout_copy_jit(
     out = decode_layout(state, dtype, transpose_table, pack)
     if mesh is None:
         return out
+    amx = pack and cpu_matmul.uses_amx(dtype)
     return jax.lax.with_sharding_constraint(
-        out, rollout_shardings(state, mesh, transpose_table=transpose_table, pack=pack)
+        out, rollout_shardings(state, mesh, transpose_table=transpose_table, pack=pack, amx=amx)
     )
 
 

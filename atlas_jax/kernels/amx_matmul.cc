@@ -163,20 +163,19 @@ struct Shared {
   Problem p;
   uint16_t* packed = nullptr;      // b as VNNI panels, [N/64][K/2][64][2]
   uint16_t* at = nullptr;          // a as [M][K] when stored [K, M]
-  int64_t pack_tasks = 0, row_tasks = 0, tasks = 0;
+  int64_t pack_panels = 0, pack_tasks = 0, row_tasks = 0, tasks = 0;
   std::atomic<int64_t> next_pack{0}, packed_done{0};
   std::atomic<int64_t> next{0}, done{0};
 };
 
 void Drain(Shared& s) {
   const Problem& p = s.p;
-  const int64_t panels = p.n / kPanel;
   int64_t finished = 0;
   for (int64_t i; (i = s.next_pack.fetch_add(1, std::memory_order_relaxed)) < s.pack_tasks;) {
-    if (i < panels)
+    if (i < s.pack_panels)
       PackPanel(p, i, s.packed);
     else
-      TransposeRows(p, i - panels, s.at);
+      TransposeRows(p, i - s.pack_panels, s.at);
     ++finished;
   }
   if (finished) s.packed_done.fetch_add(finished, std::memory_order_acq_rel);
@@ -211,13 +210,19 @@ uint16_t* Scratch(std::vector<uint16_t>& v, size_t n) {
 }
 
 ffi::Error Run(ffi::ThreadPool& pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b, void* c_data,
-               bool bf16_out, bool a_t, bool b_t) {
+               bool bf16_out, bool a_t, bool b_t, bool prepacked = false) {
   auto ad = a.dimensions();
   auto bd = b.dimensions();
-  if (ad.size() != 2 || bd.size() != 2)
-    return ffi::Error::InvalidArgument("atlas_amx_matmul: expected two matrices");
+  if (ad.size() != 2 || bd.size() != (prepacked ? 4 : 2))
+    return ffi::Error::InvalidArgument("atlas_amx_matmul: expected a matrix and a matrix or packed panels");
   const int64_t m = a_t ? ad[1] : ad[0], k = a_t ? ad[0] : ad[1];
-  const int64_t n = b_t ? bd[0] : bd[1], kb = b_t ? bd[1] : bd[0];
+  int64_t n = b_t ? bd[0] : bd[1], kb = b_t ? bd[1] : bd[0];
+  if (prepacked) {  // b already as panels [N/64][K/2][64][2]
+    if (bd[2] != kPanel || bd[3] != 2)
+      return ffi::Error::InvalidArgument("atlas_amx_packed_matmul: expected packed b[P, K/2, 64, 2]");
+    n = bd[0] * kPanel;
+    kb = bd[1] * 2;
+  }
   if (k != kb || m % 32 || k % 32 || n % kPanel)
     return ffi::Error::InvalidArgument(
         "atlas_amx_matmul: expected a[M,K] and b[K,N] (either stored transposed) with M % 32 == 0, "
@@ -232,9 +237,10 @@ ffi::Error Run(ffi::ThreadPool& pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi:
     return ffi::Error::Success();
   }
   thread_local std::vector<uint16_t> packed_buf, at_buf;
-  s->packed = Scratch(packed_buf, static_cast<size_t>(k) * n);
+  s->packed = prepacked ? const_cast<uint16_t*>(s->p.b) : Scratch(packed_buf, static_cast<size_t>(k) * n);
   if (a_t) s->at = Scratch(at_buf, static_cast<size_t>(m) * k);
-  s->pack_tasks = n / kPanel + (a_t ? m / 32 : 0);
+  s->pack_panels = prepacked ? 0 : n / kPanel;
+  s->pack_tasks = s->pack_panels + (a_t ? m / 32 : 0);
   s->row_tasks = (m + kRowsPerTask - 1) / kRowsPerTask;
   s->tasks = s->row_tasks * (n / kPanel);
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), std::max(s->tasks, s->pack_tasks)) - 1;
@@ -252,6 +258,11 @@ ffi::Error F32Out(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<ff
 ffi::Error Bf16Out(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b,
                    ffi::ResultBuffer<ffi::BF16> c, bool a_t, bool b_t) {
   return Run(pool, a, b, c->untyped_data(), true, a_t, b_t);
+}
+
+ffi::Error PackedF32Out(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> wp,
+                        ffi::ResultBuffer<ffi::F32> c) {
+  return Run(pool, a, wp, c->untyped_data(), false, false, false, true);
 }
 
 }  // namespace
@@ -273,6 +284,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AtlasAmxMatmul, F32Out,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("a_t")
                                   .Attr<bool>("b_t"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AtlasAmxPackedMatmul, PackedF32Out,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AtlasAmxMatmulBf16, Bf16Out,
                               ffi::Ffi::Bind()

@@ -37,7 +37,8 @@ from atlas_jax.kernels import build as _build
 ENV = "ATLAS_JAX_AMX"
 SOURCE = Path(__file__).with_name("amx_matmul.cc")
 TARGET, TARGET_BF16 = "atlas_amx_matmul", "atlas_amx_matmul_bf16"  # f32 / bf16 output
-SYMBOLS = {TARGET: "AtlasAmxMatmul", TARGET_BF16: "AtlasAmxMatmulBf16"}
+TARGET_PACKED = "atlas_amx_packed_matmul"  # b given as `cpu_matmul.pack(..., amx=True)` panels
+SYMBOLS = {TARGET: "AtlasAmxMatmul", TARGET_BF16: "AtlasAmxMatmulBf16", TARGET_PACKED: "AtlasAmxPackedMatmul"}
 CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512_bf16")
 CXX_FLAGS = (
     "-O3",
@@ -163,6 +164,22 @@ def matmul(
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((mp, np_), out_dtype), vmap_method="sequential")
     c = call(a, b, a_t=bool(a_t), b_t=bool(b_t))
     return c[:m, :n] if c.shape != (m, n) else c
+
+
+def packed_matmul(a: jax.Array, wp: jax.Array, n: int) -> jax.Array:
+    """``a[M, K] · W[K, :n]`` in float32 for a bf16 ``W`` packed as ``wp[P, K2, 64, 2]`` with ``2·K2`` a multiple
+    of 32 (`cpu_matmul.pack` with ``amx=True``: the panels the kernel otherwise builds per call)."""
+    k2 = wp.shape[1]
+    if a.ndim != 2 or a.shape[1] > 2 * k2 or wp.ndim != 4 or (2 * k2) % K_MULTIPLE:
+        raise ValueError(f"packed_matmul: a{a.shape} does not fit packed panels {wp.shape}")
+    m = a.shape[0]
+    a = _pad_to(a.astype(jnp.bfloat16), 0, ROW_MULTIPLE)
+    a = jnp.pad(a, ((0, 0), (0, 2 * k2 - a.shape[1]))) if a.shape[1] != 2 * k2 else a
+    call = jax.ffi.ffi_call(
+        TARGET_PACKED, jax.ShapeDtypeStruct((a.shape[0], wp.shape[0] * wp.shape[2]), jnp.float32),
+        vmap_method="sequential",
+    )  # fmt: skip
+    return call(a, wp)[:m, :n]
 
 
 def plan(spec: str) -> tuple[str, str, str] | None:

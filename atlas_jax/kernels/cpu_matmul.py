@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from atlas_jax.cpu_flags import cpu_flag_set, read_cpuinfo
+from atlas_jax.kernels import amx_matmul
 from atlas_jax.kernels import build as _build
 
 ENV = "ATLAS_JAX_CPU_KERNEL"
@@ -63,6 +64,7 @@ class PackedWeight:
     wp: jax.Array
     shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})
     contract: int = dataclasses.field(default=1, metadata={"static": True})
+    amx: bool = dataclasses.field(default=False, metadata={"static": True})  # K2 a multiple of 16: AMX panels
 
     @property
     def k(self) -> int:
@@ -73,34 +75,42 @@ class PackedWeight:
         return math.prod(self.shape[self.contract :])
 
 
-def packed_shape(k: int, n: int, dtype: jnp.dtype | str = jnp.bfloat16) -> tuple[int, ...]:
-    """``wp``'s shape for a ``[k, n]`` weight in ``dtype`` (bf16 or float32)."""
+def packed_shape(k: int, n: int, dtype: jnp.dtype | str = jnp.bfloat16, amx: bool = False) -> tuple[int, ...]:
+    """``wp``'s shape for a ``[k, n]`` weight in ``dtype`` (bf16 or float32; ``amx``: bf16 with K padded to a
+    multiple of 32, the panels `amx_matmul.packed_matmul` reads)."""
     p = -(-n // PANEL)
-    return (p, -(-k // 2), PANEL, 2) if jnp.dtype(dtype) == jnp.bfloat16 else (p, k, PANEL)
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        return (p, k, PANEL)
+    return (p, 16 * -(-k // 32) if amx else -(-k // 2), PANEL, 2)
 
 
-def pack(w: jax.Array, contract: int = 1, dtype: jnp.dtype | str = jnp.bfloat16) -> PackedWeight:
-    """``w`` cast to ``dtype`` (bf16 or float32) and packed for `matmul`, its first ``contract`` axes contracted.
+def pack(
+    w: jax.Array, contract: int = 1, dtype: jnp.dtype | str = jnp.bfloat16, amx: bool = False
+) -> PackedWeight:
+    """``w`` cast to ``dtype`` (bf16 or float32) and packed for `matmul`, its first ``contract`` axes contracted
+    (``amx``: bf16 panels for the AMX kernel, `uses_amx`).
 
     Traceable (the rollout copy packs inside its jitted program).
     """
     dtype = jnp.dtype(dtype)
     if dtype not in DTYPES:
         raise ValueError(f"pack: dtype {dtype} is not one of {[str(d) for d in DTYPES]}")
+    if amx and dtype != jnp.bfloat16:
+        raise ValueError(f"pack: amx=True needs bfloat16, got {dtype}")
     shape = tuple(int(d) for d in w.shape)
     if not 1 <= contract < len(shape):
         raise ValueError(
             f"pack: contract={contract} must leave at least one axis of a weight of shape {shape}"
         )
     k, n = math.prod(shape[:contract]), math.prod(shape[contract:])
-    ps = packed_shape(k, n, dtype)
+    ps = packed_shape(k, n, dtype, amx)
     w2 = w.reshape(k, n).astype(dtype)
     if dtype == jnp.bfloat16:
         w2 = jnp.pad(w2, ((0, 2 * ps[1] - k), (0, ps[0] * PANEL - n)))
         wp = w2.reshape(ps[1], 2, ps[0], PANEL).transpose(2, 0, 3, 1)
     else:
         wp = jnp.pad(w2, ((0, 0), (0, ps[0] * PANEL - n))).reshape(k, ps[0], PANEL).transpose(1, 0, 2)
-    return PackedWeight(wp, shape, contract)
+    return PackedWeight(wp, shape, contract, amx)
 
 
 def unpack(p: PackedWeight) -> jax.Array:
@@ -136,6 +146,9 @@ def matmul(x: jax.Array, p: PackedWeight) -> jax.Array:
             f"matmul: x's trailing axes {tuple(con)} != the weight's contracted {p.shape[: p.contract]}"
         )
     m = math.prod(lead)
+    if p.amx:
+        y = amx_matmul.packed_matmul(x.reshape(m, p.k), p.wp, p.n)
+        return y.reshape(*lead, *p.shape[p.contract :])
     target = TARGETS[jnp.dtype(p.wp.dtype)]
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, p.n), jnp.float32))
     y = call(x.reshape(m, p.k).astype(p.wp.dtype), p.wp)
@@ -213,9 +226,14 @@ def available() -> bool:
     return True
 
 
+def uses_amx(dtype: jnp.dtype | str) -> bool:
+    """bf16 weights are packed for the AMX kernel (`amx_matmul.available`) rather than for VDPBF16PS."""
+    return jnp.dtype(dtype) == jnp.bfloat16 and amx_matmul.available()
+
+
 def enabled(platform: str, dtype: jnp.dtype | str, num_devices: int) -> bool:
     """Pack the rollout copy: CPU, bf16 or float32 compute, one device (a custom call cannot be partitioned),
-    `available`."""
+    and a kernel for it: `available`, or AMX for bf16 (`uses_amx`)."""
     if platform != "cpu" or jnp.dtype(dtype) not in DTYPES or num_devices != 1:
         return False
-    return available()
+    return uses_amx(dtype) or available()
