@@ -56,15 +56,8 @@ MIN_ROWS = 64  # below this a product stays with XLA (decode-sized: the per-call
 
 
 def choice(env: Mapping[str, str]) -> str:
-    """``env[ENV]`` as "0", "1" or "auto" (unset or empty: auto).
-
-    Raises:
-      ValueError: anything else (names the variable).
-    """
-    value = env.get(ENV, "auto").strip().lower() or "auto"
-    if value not in ("0", "1", "auto"):
-        raise ValueError(f"{ENV}={env[ENV]!r}: expected 0 (never), 1 (always) or auto")
-    return value
+    """``env[ENV]`` as "0", "1" or "auto" (`build.switch`; ValueError naming the variable otherwise)."""
+    return _build.switch(ENV, env)
 
 
 def cpu_supports(cpuinfo: str | None) -> bool:

@@ -12,7 +12,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -60,3 +60,15 @@ def build(source: Path, flags: Sequence[str], out: Path, env: str) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def switch(name: str, env: Mapping[str, str]) -> str:
+    """``env[name]`` as "0" (never), "1" (always: errors say why not) or "auto" (unset or empty: auto).
+
+    Raises:
+      ValueError: anything else (names the variable).
+    """
+    value = env.get(name, "auto").strip().lower() or "auto"
+    if value not in ("0", "1", "auto"):
+        raise ValueError(f"{name}={env[name]!r}: expected 0 (never), 1 (always) or auto")
+    return value

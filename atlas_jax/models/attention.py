@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 from jaxtyping import Array, Float, Int
 
+from atlas_jax.kernels import cpu_attention
 from atlas_jax.models.sharding import spec_for
 
 NEG_INF = -0.7 * float(np.finfo(np.float32).max)  # finite, so fully-masked rows (pads) stay NaN-free
@@ -117,7 +118,8 @@ def cached_attention(
     softmax over the allowed slots, then ``out[b,k,q,:] = Σ_s p[b,k,q,s]·v[b,k,s,:]``, float32 accumulation.
     The operands are in ``promote(cache dtype, dtype)``, so the float32 cache the sampler keeps for 16-bit
     compute on the CPU (`KVCache.storage_dtype`) is read as it is. ``impl="dense"`` is the reference path
-    (`_dense` on the ``[B,S,K,H]`` transposes); every other choice uses this one.
+    (`_dense` on the ``[B,S,K,H]`` transposes); every other choice uses this one, and for one query token on
+    a single-device CPU with a float32 cache the same math runs as one fused kernel (`cpu_attention`).
     """
     t, s = q_btnh.shape[1], k_bkhs.shape[3]
     q_slot_t = index + jnp.arange(t, dtype=jnp.int32)
@@ -131,6 +133,9 @@ def cached_attention(
     g = n // kh
     cdt = jnp.promote_types(k_bkhs.dtype, dtype)  # an f32 cache (`KVCache.storage_dtype`) is read as f32
     q_bkqh = q_btnh.astype(cdt).reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, h)
+    if t == 1 and cdt == jnp.float32 and cpu_attention.enabled(h):  # one decode token: the fused CPU kernel
+        out = cpu_attention.decode_attention(q_bkqh, k_bkhs, v_bksh, allowed_bts[:, 0], h**-0.5, NEG_INF)
+        return out.reshape(b, 1, n, h).astype(dtype)
     scores = jnp.einsum("bkqh,bkhs->bkqs", q_bkqh, k_bkhs.astype(cdt), preferred_element_type=jnp.float32)
     logits = scores * (h**-0.5)
     allowed_bkqs = jnp.broadcast_to(allowed_bts[:, None, :, None, :], (b, 1, t, g, s)).reshape(b, 1, t * g, s)
