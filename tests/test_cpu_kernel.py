@@ -123,8 +123,10 @@ def test_flag_parsing_and_cpu_detection():
     assert not cpu_matmul.cpu_supports(full.replace(" avx512_bf16", ""))
     assert not cpu_matmul.cpu_supports(None)
     # auto: only where they won (no AMX); on an AMX Xeon XLA's dot (or amx_matmul) is faster
-    assert cpu_matmul.pays(full) and not cpu_matmul.pays(full.replace("avx512_bf16", "avx512_bf16 amx_bf16"))
-    assert not cpu_matmul.pays(full.replace(" avx512_bf16", ""))
+    amx = full.replace("avx512_bf16", "avx512_bf16 amx_bf16")
+    assert cpu_matmul.pays(full, "bfloat16") and not cpu_matmul.pays(amx, "bfloat16")
+    assert cpu_matmul.pays(full, "float32") and cpu_matmul.pays(amx, "float32")
+    assert not cpu_matmul.pays(full.replace(" avx512_bf16", ""), "float32")
     # Packing is for one CPU device in bf16 or float32 only.
     assert not cpu_matmul.enabled("cpu", "float16", 1)
     assert not cpu_matmul.enabled("gpu", "bfloat16", 1)

@@ -1,19 +1,23 @@
-// c[M,N] (f32) = a[M,K] @ b[K,N], a and b bf16 row-major, f32 accumulation, with Intel AMX (TDPBF16PS), as an
-// XLA:CPU custom call through the XLA FFI. Built and registered by atlas_jax/kernels/amx_matmul.py, which pads
-// the operands to M % 32 == 0, K % 32 == 0, N % 64 == 0 (this file checks it) and maps einsums onto it.
+// c[M,N] = a[M,K] @ b[K,N], a and b bf16, f32 accumulation, c f32 or bf16 (rounded to nearest even), with Intel
+// AMX (TDPBF16PS), as XLA:CPU custom calls through the XLA FFI. Built and registered by
+// atlas_jax/kernels/amx_matmul.py, which pads the operands to M % 32 == 0, K % 32 == 0, N % 64 == 0 (checked
+// here) and maps einsums onto it.
+//   AtlasAmxMatmul / AtlasAmxMatmulBf16 (attrs a_t, b_t): a stored [M,K] or, a_t, [K,M]; b stored [K,N] or, b_t,
+//     [N,K] -- the products of a backward pass (x^T.dy, dy.W^T) read their operands as they lie.
+//   AtlasAmxPackedMatmul: b already as the VNNI panels below, [N/64][K/2][64][2] (the sampler's rollout copy).
 //
 // Build (what amx_matmul.py runs): g++ -O3 -std=c++17 -shared -fPIC -mamx-tile -mamx-bf16 -mavx512f
-//     -mavx512bw -I$(python -c "import jax; print(jax.ffi.include_dir())") amx_matmul.cc -o amx_matmul.so
+//     -mavx512bw -mavx512bf16 -I$(python -c "import jax; print(jax.ffi.include_dir())") amx_matmul.cc -o x.so
 //
 // Tiles (palette 1, all 16 rows x 64 bytes): C00 C01 C10 C11 = tmm0-3 (16 x 16 f32 each), A0 A1 = tmm4-5
-// (16 rows x 32 bf16 of a, read in place with stride 2K bytes), B0 B1 = tmm6-7 (16 k-pairs x 16 columns x 2,
-// the VNNI layout TDPBF16PS wants). One k-step of 32 is four TDPBF16PS on a 32 x 32 block of c.
+// (16 rows x 32 bf16 of a, row stride 2K bytes), B0 B1 = tmm6-7 (16 k-pairs x 16 columns x 2, the VNNI layout
+// TDPBF16PS wants). One k-step of 32 is four TDPBF16PS on a 32 x 32 block of c.
 //
-// Work: tasks of (up to kRowsPerTask rows) x (64 columns), claimed from an atomic counter by the calling thread
-// and helpers it schedules on XLA's intra-op pool (the caller waits only for tasks already claimed, so a busy
-// pool cannot deadlock it). A task first re-lays its 64-column panel of b as VNNI pairs in a thread-local
-// buffer [K/2][64][2] (K x 64 values, 1/kRowsPerTask of the task's multiply-adds), then walks its rows 32 at a
-// time.
+// Work, in two phases over tasks claimed from atomic counters by the calling thread and helpers it schedules on
+// XLA's intra-op pool (the caller waits only for tasks already claimed, so a busy pool cannot deadlock it):
+//   1. b re-laid as VNNI panels [N/64][K/2][64][2] (one task per 64-column panel; skipped when prepacked) and,
+//      for a_t, a transposed to [M][K] (one task per 32 rows), into scratch owned by the calling thread;
+//   2. tasks of up to kRowsPerTask rows x 64 columns, 32 x 32 blocks each.
 //
 // AMX needs the kernel's permission (Linux arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA) once per process:
 // AtlasAmxInit() asks for it and returns 0 when AMX may be used (amx_matmul.py calls it before registering).

@@ -15,7 +15,7 @@ compute, one device) and `Decoder` multiplies a `PackedWeight` operand with `mat
 sees one.
 
 Availability. ``ATLAS_JAX_CPU_KERNEL``: ``auto`` (default) uses the kernels when ``/proc/cpuinfo`` lists
-``avx512f avx512bw avx512vl avx512_bf16`` and not ``amx_bf16`` (`pays`: the CPUs they won on) and they build; ``1`` requires them
+``avx512f avx512bw avx512vl avx512_bf16`` (bf16 only without ``amx_bf16``: `pays`) and they build; ``1`` requires them
 (an error says why they cannot be used); ``0`` never. The first use compiles ``cpu_matmul.cc`` with ``$CXX``
 (default ``g++``, ~4 s) against jaxlib's FFI headers into ``$XDG_CACHE_HOME/atlas_jax/`` (default ``~/.cache``),
 named by a hash of the source, flags, compiler and jax version, written to a temporary file and renamed, so
@@ -165,13 +165,16 @@ def cpu_supports(cpuinfo: str | None) -> bool:
     return set(CPU_FLAGS) <= cpu_flag_set(cpuinfo or "")
 
 
-def pays(cpuinfo: str | None) -> bool:
-    """What ``auto`` uses the kernels on: `cpu_supports` and no AMX (``amx_bf16``).
+def pays(cpuinfo: str | None, dtype: jnp.dtype | str) -> bool:
+    """Where ``auto`` packs for these kernels: `cpu_supports`, and for bf16 no AMX (``amx_bf16``).
 
-    Measured: on a Zen 5 EPYC (avx512_bf16, no AMX) they beat XLA's dot 1.4-3.2x at 16 rows; on a Xeon with
-    AMX (2026-12-04) XLA's dot was as fast at 16 rows and 2-3x faster at 64 (`amx_matmul` is for those).
+    Measured: on a Zen 5 EPYC (avx512_bf16, no AMX) both beat XLA's dot (bf16 1.4-3.2x at 16 rows); on a Xeon
+    with AMX (2026-12-04) the float32 kernel still did (decode 1.08x on the peer model, 1.25x at 0.5B) but
+    XLA's bf16 dot was as fast at 16 rows and 2-3x faster at 64 (bf16 goes to `amx_matmul` there).
     """
-    return cpu_supports(cpuinfo) and "amx_bf16" not in cpu_flag_set(cpuinfo or "")
+    if not cpu_supports(cpuinfo):
+        return False
+    return jnp.dtype(dtype) != jnp.bfloat16 or "amx_bf16" not in cpu_flag_set(cpuinfo or "")
 
 
 def library_path(cache_dir: Path | None = None) -> Path:
@@ -202,12 +205,9 @@ def available() -> bool:
     want = choice(os.environ)
     if want == "0":
         return False
-    cpuinfo = read_cpuinfo()
-    if not cpu_supports(cpuinfo):
+    if not cpu_supports(read_cpuinfo()):
         if want == "1":
             raise RuntimeError(f"{ENV}=1 but this CPU does not list all of {', '.join(CPU_FLAGS)}")
-        return False
-    if want == "auto" and not pays(cpuinfo):
         return False
     try:
         _register(str(build(library_path())))
@@ -226,7 +226,11 @@ def uses_amx(dtype: jnp.dtype | str) -> bool:
 
 def enabled(platform: str, dtype: jnp.dtype | str, num_devices: int) -> bool:
     """Pack the rollout copy: CPU, bf16 or float32 compute, one device (a custom call cannot be partitioned),
-    and a kernel for it: `available`, or AMX for bf16 (`uses_amx`)."""
+    and a kernel for it: AMX for bf16 (`uses_amx`), else `available` (under ``auto`` only where it `pays`)."""
     if platform != "cpu" or jnp.dtype(dtype) not in DTYPES or num_devices != 1:
         return False
-    return uses_amx(dtype) or available()
+    if uses_amx(dtype):
+        return True
+    if choice(os.environ) == "auto" and not pays(read_cpuinfo(), dtype):
+        return False
+    return available()
