@@ -13,7 +13,8 @@ weights, a random reward. The metric is completion tokens per second of whole st
 update), best and worst of ``--steps`` timed steps after one warm-up step (compilation), and completion
 tokens per process CPU-second (the machine is shared: wall time depends on the load, CPU time less so).
 
-Ours: ``JaxSampler`` (the rollout copy, ``n=8``) + ``GRPOLearner.update`` in this process, split into
+Ours: ``JaxSampler`` (the rollout copy, ``n=8``) + ``GRPOLearner.update`` (layers unrolled: ``--scan_layers 0``,
+faster on XLA:CPU than the config default; no remat, micro-batches of 16) in this process, split into
 phases. Peers run as subprocesses on the same HF folder and report their own step times:
   - ``trl``: ``trl==1.16.0`` ``GRPOTrainer`` with its defaults (transformers ``generate``, gradient
     checkpointing; torch CPU, bf16) in its own venv (``--trl_venv``; ``pip install torch==2.13.0 trl==1.16.0``);
@@ -215,7 +216,13 @@ def text_prompts(n: int) -> list[str]:
 
 
 def ours(
-    hf_dir: Path, prompts: list[str], steps: int, out_dir: Path, *, remat: bool = True
+    hf_dir: Path,
+    prompts: list[str],
+    steps: int,
+    out_dir: Path,
+    *,
+    remat: bool = True,
+    scan_layers: bool = False,
 ) -> list[dict[str, float]]:
     """Per timed step (warm-up excluded): wall seconds of each phase and of the whole step, and process CPU-s.
 
@@ -235,6 +242,7 @@ def ours(
     c.output_dir = str(out_dir)
     c.model.teacher = str(hf_dir)
     c.model.compute_dtype, c.model.param_dtype, c.model.remat = "bfloat16", "float32", remat
+    c.model.scan_layers = scan_layers
     c.mesh.shape = (1, -1, 1)
     c.checkpoint.async_save = False
     c.grpo.update(beta=0.0, num_generations=GENERATIONS, problems_per_step=len(prompts), num_iterations=1,
@@ -382,6 +390,12 @@ def main() -> None:
     ap.add_argument("--peers", default="trl", help="comma list of trl, trl_vllm, tunix; 'none': ours only")
     ap.add_argument("--only_peers", action="store_true", help="skip ours (a peer run of its own)")
     ap.add_argument("--remat", type=int, default=0, help="ours: rematerialise layers (TRL's default does)")
+    ap.add_argument(
+        "--scan_layers",
+        type=int,
+        default=0,
+        help="ours: layers under lax.scan (the config default; 0 unrolls)",
+    )
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads everywhere (0: library default)")
     ap.add_argument("--trl_venv", default="/tmp/venv-trl")
     ap.add_argument(
@@ -418,7 +432,14 @@ def main() -> None:
         ]
         if not args.only_peers:
             print(f"ours: {load()}", flush=True)
-            res["ours"] = ours(hf_dir, prompts, args.steps, Path(tmp) / "ours", remat=bool(args.remat))
+            res["ours"] = ours(
+                hf_dir,
+                prompts,
+                args.steps,
+                Path(tmp) / "ours",
+                remat=bool(args.remat),
+                scan_layers=bool(args.scan_layers),
+            )
             print(f"ours done: {load()}", flush=True)
         if "trl" in peers:
             python = ensure_venv(Path(args.trl_venv), ["torch==2.13.0", "trl==1.16.0"])
@@ -443,7 +464,7 @@ def main() -> None:
             )
             print(f"tunix done: {load()}", flush=True)
     print(f"GRPO step, {PROMPTS} prompts x {GENERATIONS} generations x {TOKENS} tokens, beta 0, bf16, "
-          f"threads {args.threads or 'default'}, remat {bool(args.remat)}")  # fmt: skip
+          f"threads {args.threads or 'default'}, remat {bool(args.remat)}, scan {bool(args.scan_layers)}")  # fmt: skip
     print("\n".join(table(res, tokens)))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "load": load(), "results": res}, indent=1))

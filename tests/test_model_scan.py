@@ -220,3 +220,15 @@ def _with_shardings(flat, mesh):
 
     shardings = flatten(state_shardings(nnx.state(build_model(CFG), nnx.Param), mesh))
     return [(k, v, shardings[k]) for k, v in flat.items()]
+
+
+def test_scan_layers_flag_reaches_the_model():
+    """``--config.model.scan_layers`` (default True) is what the policy's ModelConfig gets."""
+    from atlas_jax.training.runtime import model_config
+    from configs import base
+
+    c = base.get_config()
+    c.model.teacher_preset = "tiny_qwen3_untied"
+    assert model_config("", c.model.teacher_preset, model_section=c.model).scan_layers is True
+    c.model.scan_layers = False
+    assert model_config("", c.model.teacher_preset, model_section=c.model).scan_layers is False

@@ -92,6 +92,7 @@ def model_config(path: str, preset: str, *, model_section: Any) -> ModelConfig:
         remat=bool(model_section.remat),
         remat_policy=str(model_section.get("remat_policy", "full")),
         attention=str(model_section.get("attention", "auto")),
+        scan_layers=bool(model_section.get("scan_layers", True)),
     )
 
 
@@ -187,6 +188,7 @@ def make_policy(
             remat=bool(config.model.remat),
             remat_policy=str(config.model.get("remat_policy", "full")),
             attention=str(config.model.get("attention", "auto")),
+            scan_layers=bool(config.model.get("scan_layers", True)),
         )
     else:
         cfg = model_config(path, config.model.teacher_preset, model_section=config.model)
