@@ -107,3 +107,14 @@ def test_flags_and_fallbacks(monkeypatch):
         assert not cpu_attention.enabled(64)
     cpu_attention.available.cache_clear()
     assert not cpu_attention.enabled(20)  # head dim not a multiple of 16: never
+
+
+def test_kernels_only_on_one_cpu_device():
+    """`placement.one_cpu_device`: a one-device CPU mesh yes; two devices, or none set in an 8-device process, no."""
+    from atlas_jax.kernels import placement
+
+    assert not placement.one_cpu_device()  # the tests' process has 8 CPU devices and no mesh is set
+    with jax.set_mesh(ONE_DEVICE):
+        assert placement.one_cpu_device()
+    with jax.set_mesh(jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))):
+        assert not placement.one_cpu_device()

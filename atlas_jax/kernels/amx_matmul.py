@@ -38,6 +38,7 @@ import jax.numpy as jnp
 
 from atlas_jax.cpu_flags import cpu_flag_set, read_cpuinfo
 from atlas_jax.kernels import build as _build
+from atlas_jax.kernels import placement
 
 ENV = "ATLAS_JAX_AMX"
 SOURCE = Path(__file__).with_name("amx_matmul.cc")
@@ -115,12 +116,7 @@ def enabled() -> bool:
     """Route bf16 products here: the default backend is the CPU, the computation runs on one device (the mesh
     set with ``jax.set_mesh`` has one device, or none is set and the process has one: a custom call cannot be
     partitioned over a mesh) and `available`."""
-    if jax.default_backend() != "cpu":
-        return False
-    mesh = jax.sharding.get_abstract_mesh()
-    if (jax.device_count() if mesh.empty else mesh.size) != 1:
-        return False
-    return available()
+    return placement.one_cpu_device() and available()
 
 
 def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:

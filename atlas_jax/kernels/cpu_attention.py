@@ -27,6 +27,7 @@ import numpy as np
 
 from atlas_jax.cpu_flags import cpu_flag_set, read_cpuinfo
 from atlas_jax.kernels import build as _build
+from atlas_jax.kernels import placement
 
 ENV = "ATLAS_JAX_CPU_ATTENTION"
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
@@ -78,12 +79,7 @@ def available() -> bool:
 def enabled(head_dim: int) -> bool:
     """Use the kernel: CPU backend, one device (the mesh set with ``jax.set_mesh``, or the process's when none
     is set), ``head_dim % 16 == 0`` and `available`."""
-    if jax.default_backend() != "cpu" or head_dim % 16:
-        return False
-    mesh = jax.sharding.get_abstract_mesh()
-    if (jax.device_count() if mesh.empty else mesh.size) != 1:
-        return False
-    return available()
+    return head_dim % 16 == 0 and placement.one_cpu_device() and available()
 
 
 def decode_attention(
