@@ -28,8 +28,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-import os
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -95,21 +93,10 @@ def available() -> bool:
       RuntimeError: ``ATLAS_JAX_AMX=1`` and this CPU lacks a flag, the kernel refuses AMX state or the build
         fails. Under ``auto`` a failure warns once and returns False (XLA's dot is used).
     """
-    want = choice(os.environ)
-    if want == "0":
-        return False
-    if not cpu_supports(read_cpuinfo()):
-        if want == "1":
-            raise RuntimeError(f"{ENV}=1 but this CPU does not list all of {', '.join(CPU_FLAGS)}")
-        return False
-    try:
-        _register(str(_build.build(SOURCE, CXX_FLAGS, library_path(), ENV)))
-    except (RuntimeError, OSError) as e:
-        if want == "1":
-            raise
-        warnings.warn(f"AMX matmul kernel unavailable, using XLA's dot: {e}", stacklevel=2)
-        return False
-    return True
+    return _build.load(
+        ENV, CPU_FLAGS, read_cpuinfo(), SOURCE, CXX_FLAGS, _register,
+        "AMX matmul kernel unavailable, using XLA's dot",
+    )  # fmt: skip
 
 
 def enabled() -> bool:

@@ -12,10 +12,13 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import jax
+
+from atlas_jax.cpu_flags import cpu_flag_set
 
 
 def compiler() -> str:
@@ -72,3 +75,38 @@ def switch(name: str, env: Mapping[str, str]) -> str:
     if value not in ("0", "1", "auto"):
         raise ValueError(f"{name}={env[name]!r}: expected 0 (never), 1 (always) or auto")
     return value
+
+
+def load(
+    env: str,
+    cpu_flags: Sequence[str],
+    cpuinfo: str | None,
+    source: Path,
+    flags: Sequence[str],
+    register: Callable[[str], None],
+    fallback: str,
+) -> bool:
+    """The availability check every kernel shares: ``env`` (`switch`) wants it, ``cpuinfo`` lists ``cpu_flags``,
+    and ``source`` builds (`build` into `library_path`) and ``register``s (called with the library's path).
+
+    Returns False for "0", for a CPU without a flag under "auto", and for a failed build or registration under
+    "auto" (one warning: ``fallback``, then the reason).
+
+    Raises:
+      RuntimeError: under "1", naming the missing flags or the build/registration error.
+    """
+    want = switch(env, os.environ)
+    if want == "0":
+        return False
+    if not set(cpu_flags) <= cpu_flag_set(cpuinfo or ""):
+        if want == "1":
+            raise RuntimeError(f"{env}=1 but this CPU does not list all of {', '.join(cpu_flags)}")
+        return False
+    try:
+        register(str(build(source, flags, library_path(source, flags), env)))
+    except (RuntimeError, OSError) as e:
+        if want == "1":
+            raise
+        warnings.warn(f"{fallback}: {e}", stacklevel=3)
+        return False
+    return True

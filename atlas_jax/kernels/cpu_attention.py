@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
-import warnings
 from pathlib import Path
 
 import jax
@@ -59,21 +57,10 @@ def available() -> bool:
       RuntimeError: forced (``=1``) and this CPU lacks a flag or the build fails; under ``auto`` a failed
         build warns once and returns False (XLA's path is used).
     """
-    want = _build.switch(ENV, os.environ)
-    if want == "0":
-        return False
-    if not cpu_supports(read_cpuinfo()):
-        if want == "1":
-            raise RuntimeError(f"{ENV}=1 but this CPU does not list all of {', '.join(CPU_FLAGS)}")
-        return False
-    try:
-        _register(str(_build.build(SOURCE, CXX_FLAGS, library_path(), ENV)))
-    except (RuntimeError, OSError) as e:
-        if want == "1":
-            raise
-        warnings.warn(f"CPU decode-attention kernel unavailable, using XLA: {e}", stacklevel=2)
-        return False
-    return True
+    return _build.load(
+        ENV, CPU_FLAGS, read_cpuinfo(), SOURCE, CXX_FLAGS, _register,
+        "CPU decode-attention kernel unavailable, using XLA",
+    )  # fmt: skip
 
 
 def enabled(head_dim: int) -> bool:

@@ -29,7 +29,6 @@ import dataclasses
 import functools
 import math
 import os
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -202,21 +201,10 @@ def available() -> bool:
       RuntimeError: ``ATLAS_JAX_CPU_KERNEL=1`` and this CPU lacks a flag, or the build fails. Under ``auto``
         a failed build warns once and returns False (XLA's dot is used).
     """
-    want = choice(os.environ)
-    if want == "0":
-        return False
-    if not cpu_supports(read_cpuinfo()):
-        if want == "1":
-            raise RuntimeError(f"{ENV}=1 but this CPU does not list all of {', '.join(CPU_FLAGS)}")
-        return False
-    try:
-        _register(str(build(library_path())))
-    except (RuntimeError, OSError) as e:
-        if want == "1":
-            raise
-        warnings.warn(f"CPU matmul kernel unavailable, using XLA's dot: {e}", stacklevel=2)
-        return False
-    return True
+    return _build.load(
+        ENV, CPU_FLAGS, read_cpuinfo(), SOURCE, CXX_FLAGS, _register,
+        "CPU matmul kernel unavailable, using XLA's dot",
+    )  # fmt: skip
 
 
 def uses_amx(dtype: jnp.dtype | str) -> bool:
