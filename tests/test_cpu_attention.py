@@ -118,3 +118,122 @@ def test_kernels_only_on_one_cpu_device():
         assert placement.one_cpu_device()
     with jax.set_mesh(jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))):
         assert not placement.one_cpu_device()
+
+
+# ------------------------------------------------------------------------------------ training self-attention
+def _segments(b: int, t: int, rng) -> np.ndarray:
+    """Row 0 left-padded (-1), row 1 packed (1, 1, ..., 2, ..., 3), others one segment with right pads."""
+    seg = np.ones((b, t), np.int32)
+    seg[0, : t // 3] = attention.PAD_SEGMENT
+    if b > 1:
+        cuts = sorted(rng.choice(np.arange(1, t), size=min(2, t - 1), replace=False))
+        for i, c in enumerate(cuts):
+            seg[1, c:] = i + 2
+    for r in range(2, b):
+        seg[r, t - r :] = attention.PAD_SEGMENT
+    return seg
+
+
+def _self_reference(q, k, v, seg):
+    """float64 causal attention within equal segment ids, q [B,T,N,H], k/v [B,T,K,H]."""
+    b, t, n, h = q.shape
+    g = n // k.shape[2]
+    kk = np.repeat(k.astype(np.float64), g, axis=2)
+    vv = np.repeat(v.astype(np.float64), g, axis=2)
+    logits = np.einsum("btnh,bsnh->bnts", q.astype(np.float64), kk) * h**-0.5
+    allowed = (seg[:, :, None] == seg[:, None, :]) & np.tril(np.ones((t, t), bool))[None]
+    logits = np.where(allowed[:, None], logits, -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bnts,bsnh->btnh", p, vv)
+
+
+SELF_SHAPES = [(2, 144, 8, 2, 64), (3, 37, 7, 1, 16), (2, 1, 4, 4, 32), (2, 200, 4, 2, 128), (4, 65, 9, 3, 48)]
+
+
+@pytest.mark.parametrize(("b", "t", "n", "kh", "h"), SELF_SHAPES)
+def test_self_attention_forward_and_gradients(kernel, b, t, n, kh, h):
+    """Query counts below/at/above the 16- and 64-key blocks (1-200), 1-9 query heads per kv head (4-row blocks
+    and remainders), head dims 16-128, left pads / packed segments / right pads. Forward vs a float64 numpy
+    attention (1e-5 of max |ref|); q/k/v gradients of <out, w> vs XLA's autodiff of the float32 dense path
+    (1e-4 of each gradient's max |ref|: two float32 computations in different orders)."""
+    rng = np.random.default_rng(b * 1000 + t)
+    q = rng.standard_normal((b, t, n, h)).astype(np.float32)
+    k = rng.standard_normal((b, t, kh, h)).astype(np.float32)
+    v = rng.standard_normal((b, t, kh, h)).astype(np.float32)
+    w = rng.standard_normal((b, t, n, h)).astype(np.float32)
+    seg = jnp.asarray(_segments(b, t, rng))
+    out = jax.jit(cpu_attention.self_attention)(q, k, v, seg)
+    assert out.shape == q.shape and out.dtype == jnp.float32
+    assert _err(out, _self_reference(q, k, v, np.asarray(seg))) <= TOL
+
+    def dense(q, k, v):
+        return attention.self_attention(q, k, v, seg, impl="dense", dtype=jnp.float32)
+
+    def grads(fn):
+        return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * w), argnums=(0, 1, 2)))(q, k, v)
+
+    got = grads(lambda q, k, v: cpu_attention.self_attention(q, k, v, seg))
+    want = grads(dense)
+    for name, g_, r_ in zip("qkv", got, want, strict=True):
+        assert g_.shape == r_.shape and g_.dtype == jnp.float32, name
+        if not np.any(np.asarray(r_)):  # one query over one key: dq is exactly 0
+            assert float(np.abs(np.asarray(g_)).max()) <= 1e-6, name
+            continue
+        assert _err(g_, np.asarray(r_, np.float64)) <= 1e-4, name
+
+
+def test_self_attention_bf16_rounds_the_float32_result(kernel):
+    """bf16 operands: the output is the float32 computation on the same (bf16) values rounded to bf16
+    (within one bf16 ulp: 2^-8 relative), gradients come back in bf16 within bf16 rounding (1e-2 of max)."""
+    rng = np.random.default_rng(7)
+    b, t, n, kh, h = 2, 50, 4, 2, 32
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16) for s in [(b, t, n, h), (b, t, kh, h), (b, t, kh, h)])
+    seg = jnp.asarray(_segments(b, t, rng))
+    out = jax.jit(cpu_attention.self_attention)(q, k, v, seg)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    ref = np.asarray(jax.jit(cpu_attention.self_attention)(*f32, seg), np.float64)
+    assert out.dtype == jnp.bfloat16
+    assert np.all(np.abs(np.asarray(out, np.float64) - ref) <= 2**-8 * np.abs(ref) + 1e-30)
+    g = jax.jit(jax.grad(lambda q: jnp.sum(cpu_attention.self_attention(q, k, v, seg).astype(jnp.float32))))(q)
+    g32 = jax.jit(jax.grad(lambda q: jnp.sum(cpu_attention.self_attention(q, *f32[1:], seg))))(f32[0])
+    assert g.dtype == jnp.bfloat16 and _err(g, np.asarray(g32, np.float64)) <= 1e-2
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_self_attention_auto_uses_it_on_one_cpu_device(kernel, dtype):
+    """``impl="auto"`` on a one-device mesh lowers to the kernel (forward and backward custom calls) and equals
+    XLA's path (8 devices, no mesh) within float32 / bf16 rounding; explicit "xla" / "dense" keep XLA."""
+    rng = np.random.default_rng(3)
+    b, t, n, kh, h = 3, 40, 8, 2, 64
+    q, k, v = (jnp.asarray(rng.standard_normal(s), dtype) for s in [(b, t, n, h), (b, t, kh, h), (b, t, kh, h)])
+    seg = jnp.asarray(_segments(b, t, rng))
+
+    def run(impl):
+        def loss(q, k, v):
+            out = attention.self_attention(q, k, v, seg, impl=impl, dtype=dtype)
+            return jnp.sum(out.astype(jnp.float32) ** 2), out
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+    with jax.set_mesh(ONE_DEVICE):
+        text = run("auto").lower(q, k, v).as_text()
+        assert "atlas_self_attention" in text and "atlas_self_attention_bwd" in text
+        for impl in ("xla", "dense"):
+            assert "atlas_self_attention" not in run(impl).lower(q, k, v).as_text()
+        (_, got), got_g = run("auto")(q, k, v)
+    assert "atlas_self_attention" not in run("auto").lower(q, k, v).as_text()  # 8 devices: XLA
+    (_, want), want_g = run("auto")(q, k, v)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    assert got.dtype == want.dtype == dtype
+    assert _err(got, np.asarray(want, np.float64)) <= tol
+    for g_, r_ in zip(got_g, want_g, strict=True):
+        assert _err(g_, np.asarray(r_, np.float64)) <= 10 * tol
+
+
+def test_self_attention_rejects_bad_shapes(kernel):
+    """The kernel names its contract when XLA hands it what it does not take (head dim not a multiple of 16)."""
+    q = jnp.zeros((1, 4, 2, 20), jnp.float32)
+    k = jnp.zeros((1, 4, 1, 20), jnp.float32)
+    with pytest.raises(Exception, match="H % 16 == 0"):
+        jax.block_until_ready(cpu_attention.self_attention(q, k, k, jnp.ones((1, 4), jnp.int32)))

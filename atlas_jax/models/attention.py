@@ -13,8 +13,10 @@ Implementations (``impl``; `config.ATTENTION_IMPLS`):
   - "splash": Pallas splash attention (TPU; ``jax.experimental.pallas.ops.tpu``) with ``SegmentIds`` and a causal
     mask; T is padded to a multiple of 128 with segment -2 (seen by nothing real). Under a mesh it runs in a
     ``shard_map`` over batch and kv heads (a Pallas call cannot be partitioned automatically).
-  - "auto": splash on TPU, cuDNN on GPU with a 16-bit compute dtype, XLA otherwise. Decode (``cached_attention``)
-    uses XLA for every fused choice (one query token; the kernels are for long queries).
+  - "auto": splash on TPU, cuDNN on GPU with a 16-bit compute dtype, XLA otherwise; on a single-device CPU with
+    AVX-512 (bf16 or f32 compute, head dim % 16 == 0) the fused kernel of `cpu_attention` (forward and backward,
+    ``ATLAS_JAX_CPU_ATTENTION``). Decode (``cached_attention``) uses XLA for every fused choice (one query
+    token; the kernels are for long queries), and `cpu_attention`'s decode kernel on a single CPU device.
 All paths take q/k/v in the compute dtype and accumulate logits and softmax in float32.
 """
 
@@ -85,8 +87,12 @@ def self_attention(
     dtype: jnp.dtype,
 ) -> Float[Array, "b t n h"]:
     """Causal attention of T queries over the same T keys within equal segment ids; ``[B,T,N,H]`` in ``dtype``."""
+    fused_cpu = impl == "auto" and cpu_attention.self_attention_enabled(q_btnh.shape[-1], dtype)
     impl = resolve(impl, dtype)
     t = q_btnh.shape[1]
+    if fused_cpu and impl == "xla":  # single-device CPU: the fused kernel (forward and backward)
+        q, k, v = (x.astype(dtype) for x in (q_btnh, k_btkh, v_btkh))
+        return cpu_attention.self_attention(q, k, v, segment_bt)
     if impl == "splash":
         return _splash(q_btnh, k_btkh, v_btkh, segment_bt, dtype)
     causal_ts = jnp.tril(jnp.ones((t, t), jnp.bool_))
