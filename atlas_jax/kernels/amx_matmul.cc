@@ -70,17 +70,44 @@ struct Problem {
   bool a_t, b_t, bf16_out;
 };
 
+// r[j] lane i <- r[i] lane j for 16 x 16 32-bit words (unpack 32/64, then two 128-bit lane shuffles).
+inline void Transpose16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 16; i += 8)
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
+  }
+}
+
 // Phase 1 work, per 64-column panel p: b[:, 64p:64p+64] as [K/2][64][2] at packed + p * K * 64, pair q of
 // column j = (b[2q, 64p+j], b[2q+1, 64p+j]).
 void PackPanel(const Problem& p, int64_t panel, uint16_t* packed) {
   const int64_t col0 = panel * kPanel;
   uint16_t* out = packed + panel * p.k * kPanel;
-  if (p.b_t) {  // b stored [N, K]: pair (b[2q, j], b[2q+1, j]) is one 32-bit word of row j
-    for (int j = 0; j < kPanel; ++j) {
-      const uint32_t* row = reinterpret_cast<const uint32_t*>(p.b + (col0 + j) * p.k);
-      uint32_t* dst = reinterpret_cast<uint32_t*>(out) + j;
-      for (int64_t q = 0; q < p.k / 2; ++q) dst[q * kPanel] = row[q];
-    }
+  if (p.b_t) {  // b stored [N, K]: pair (b[2q, j], b[2q+1, j]) is word q of row j; 16 x 16 word transposes
+    uint32_t* dst = reinterpret_cast<uint32_t*>(out);
+    for (int j0 = 0; j0 < kPanel; j0 += 16)
+      for (int64_t q0 = 0; q0 < p.k / 2; q0 += 16) {
+        __m512i r[16];
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(p.b + (col0 + j0 + i) * p.k + 2 * q0);
+        Transpose16x16(r);  // r[q] lane i = word q0 + q of row j0 + i
+        for (int q = 0; q < 16; ++q) _mm512_storeu_si512(dst + (q0 + q) * kPanel + j0, r[q]);
+      }
     return;
   }
   const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7,
@@ -100,15 +127,24 @@ void PackPanel(const Problem& p, int64_t panel, uint16_t* packed) {
   }
 }
 
-// Phase 1 work for a stored [K, M], per 32-row block r: rows r*32.. of a as [32][K] at at + r * 32 * K.
+// Phase 1 work for a stored [K, M], per 32-row block r: rows r*32.. of a as [32][K] at at + r * 32 * K. Blocks of
+// 16 k x 32 m: the (m, m+1) pairs as 32-bit words, a 16 x 16 word transpose, then each word row split into its
+// even (row m) and odd (row m+1) halves.
 void TransposeRows(const Problem& p, int64_t block, uint16_t* at) {
   const int64_t m0 = block * 32;
-  for (int64_t k0 = 0; k0 < p.k; k0 += 32)
-    for (int64_t i = 0; i < 32; ++i) {
-      uint16_t* dst = at + (m0 + i) * p.k + k0;
-      const uint16_t* src = p.a + k0 * p.m + m0 + i;
-      for (int64_t kk = 0; kk < 32; ++kk) dst[kk] = src[kk * p.m];
+  const __m512i split = _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1, 30, 28, 26, 24,
+                                         22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  for (int64_t k0 = 0; k0 < p.k; k0 += 16) {
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(p.a + (k0 + i) * p.m + m0);
+    Transpose16x16(r);  // r[j] lane i = (a[k0+i, m0+2j], a[k0+i, m0+2j+1])
+    for (int j = 0; j < 16; ++j) {
+      const __m512i rows = _mm512_permutexvar_epi16(split, r[j]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(at + (m0 + 2 * j) * p.k + k0), _mm512_castsi512_si256(rows));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(at + (m0 + 2 * j + 1) * p.k + k0),
+                          _mm512_extracti64x4_epi64(rows, 1));
     }
+  }
 }
 
 inline void StoreBf16(float* tile, uint16_t* dst, size_t stride_elems) {
