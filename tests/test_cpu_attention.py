@@ -1,4 +1,5 @@
-"""The fused CPU decode-attention kernel (`atlas_jax.kernels.cpu_attention`) and its use in `cached_attention`.
+"""The fused CPU attention kernels (`atlas_jax.kernels.cpu_attention`): decode (and its use in `cached_attention`),
+and training self-attention with its backward (and its use by `self_attention(impl="auto")`).
 
 Built from its C++ source with the machine's g++ and run as a real XLA custom call; compared with a float64
 numpy softmax attention of the same float32 operands. Tolerance 1e-5 of the largest |reference| value (f32
@@ -136,7 +137,7 @@ def _segments(b: int, t: int, rng) -> np.ndarray:
 
 def _self_reference(q, k, v, seg):
     """float64 causal attention within equal segment ids, q [B,T,N,H], k/v [B,T,K,H]."""
-    b, t, n, h = q.shape
+    _, t, n, h = q.shape
     g = n // k.shape[2]
     kk = np.repeat(k.astype(np.float64), g, axis=2)
     vv = np.repeat(v.astype(np.float64), g, axis=2)
@@ -148,7 +149,13 @@ def _self_reference(q, k, v, seg):
     return np.einsum("bnts,bsnh->btnh", p, vv)
 
 
-SELF_SHAPES = [(2, 144, 8, 2, 64), (3, 37, 7, 1, 16), (2, 1, 4, 4, 32), (2, 200, 4, 2, 128), (4, 65, 9, 3, 48)]
+SELF_SHAPES = [
+    (2, 144, 8, 2, 64),
+    (3, 37, 7, 1, 16),
+    (2, 1, 4, 4, 32),
+    (2, 200, 4, 2, 128),
+    (4, 65, 9, 3, 48),
+]
 
 
 @pytest.mark.parametrize(("b", "t", "n", "kh", "h"), SELF_SHAPES)
@@ -188,14 +195,19 @@ def test_self_attention_bf16_rounds_the_float32_result(kernel):
     (within one bf16 ulp: 2^-8 relative), gradients come back in bf16 within bf16 rounding (1e-2 of max)."""
     rng = np.random.default_rng(7)
     b, t, n, kh, h = 2, 50, 4, 2, 32
-    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16) for s in [(b, t, n, h), (b, t, kh, h), (b, t, kh, h)])
+    q, k, v = (
+        jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
+        for s in [(b, t, n, h), (b, t, kh, h), (b, t, kh, h)]
+    )
     seg = jnp.asarray(_segments(b, t, rng))
     out = jax.jit(cpu_attention.self_attention)(q, k, v, seg)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     ref = np.asarray(jax.jit(cpu_attention.self_attention)(*f32, seg), np.float64)
     assert out.dtype == jnp.bfloat16
     assert np.all(np.abs(np.asarray(out, np.float64) - ref) <= 2**-8 * np.abs(ref) + 1e-30)
-    g = jax.jit(jax.grad(lambda q: jnp.sum(cpu_attention.self_attention(q, k, v, seg).astype(jnp.float32))))(q)
+    g = jax.jit(jax.grad(lambda q: jnp.sum(cpu_attention.self_attention(q, k, v, seg).astype(jnp.float32))))(
+        q
+    )
     g32 = jax.jit(jax.grad(lambda q: jnp.sum(cpu_attention.self_attention(q, *f32[1:], seg))))(f32[0])
     assert g.dtype == jnp.bfloat16 and _err(g, np.asarray(g32, np.float64)) <= 1e-2
 
@@ -206,7 +218,9 @@ def test_self_attention_auto_uses_it_on_one_cpu_device(kernel, dtype):
     XLA's path (8 devices, no mesh) within float32 / bf16 rounding; explicit "xla" / "dense" keep XLA."""
     rng = np.random.default_rng(3)
     b, t, n, kh, h = 3, 40, 8, 2, 64
-    q, k, v = (jnp.asarray(rng.standard_normal(s), dtype) for s in [(b, t, n, h), (b, t, kh, h), (b, t, kh, h)])
+    q, k, v = (
+        jnp.asarray(rng.standard_normal(s), dtype) for s in [(b, t, n, h), (b, t, kh, h), (b, t, kh, h)]
+    )
     seg = jnp.asarray(_segments(b, t, rng))
 
     def run(impl):

@@ -45,7 +45,10 @@ from atlas_jax.kernels import placement
 ENV = "ATLAS_JAX_CPU_ATTENTION"
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
 TARGET, SYMBOL = "atlas_decode_attention", "AtlasDecodeAttention"
-SELF_TARGETS = {"atlas_self_attention": "AtlasSelfAttentionFwd", "atlas_self_attention_bwd": "AtlasSelfAttentionBwd"}
+SELF_TARGETS = {
+    "atlas_self_attention": "AtlasSelfAttentionFwd",
+    "atlas_self_attention_bwd": "AtlasSelfAttentionBwd",
+}
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma")
 
@@ -119,7 +122,9 @@ def _self_forward(q, k, v, seg):
 
 
 @jax.custom_vjp
-def self_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, segment_bt: jax.Array) -> jax.Array:
+def self_attention(
+    q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, segment_bt: jax.Array
+) -> jax.Array:
     """Causal attention within equal segment ids (module docstring), ``[B,T,N,H]`` in q's dtype; q, k, v share
     one dtype (bf16 or float32), N is a multiple of K and H of 16 (the kernel checks)."""
     return _self_forward(q_btnh, k_btkh, v_btkh, segment_bt.astype(jnp.int32))[0]
