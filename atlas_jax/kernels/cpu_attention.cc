@@ -1,6 +1,9 @@
-// One decode step of attention over a float32 KV cache, for XLA:CPU on AVX-512 CPUs, as an XLA FFI custom call
-// (registered by atlas_jax/kernels/cpu_attention.py; used by attention.cached_attention for one query token).
+// Attention kernels for XLA:CPU on AVX-512 CPUs as XLA FFI custom calls (registered by
+// atlas_jax/kernels/cpu_attention.py): AtlasDecodeAttention, one decode step over a float32 KV cache (used by
+// attention.cached_attention for one query token), and AtlasSelfAttentionFwd/Bwd, training self-attention and
+// its backward (used by attention.self_attention under impl "auto"; described at its section below).
 //
+// Decode:
 // For each batch row b and kv head k, with the G query heads of that kv head as rows:
 //   logits[g, s] = scale · Σ_h q[b,k,g,h] · keys[b,k,h,s]        (keys stored [B,K,H,S], as the cache keeps them)
 //   p[g, :]      = softmax over s of logits, with logits[g, s] = neg_inf where allowed[b, s] is false
