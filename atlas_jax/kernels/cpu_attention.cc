@@ -272,24 +272,25 @@ void Dispatch(int rows, int cols, Args... args) {
 #undef ATLAS_CASE
 }
 
-// out[r][s0 + 16c + i] = Σ_h a[r][h] · bt[h][s0 + 16c + i] for one block of C x 16 columns at s0.
+// out[r * out_rs + 16c + j] = Σ_{i < n} a[r * a_rs + i] · b[i * b_rs + 16c + j]: R rows of scalars against n
+// rows of C x 16 columns, the R x C accumulators in registers (both products below are this block).
 template <int R, int C>
-struct RowsTimesTBlock {
-  static void Run(const float* a, const float* bt, int64_t tp, int64_t h, int64_t s0, float* out) {
+struct RowBlock {
+  static void Run(const float* a, int64_t a_rs, const float* b, int64_t b_rs, int64_t n, float* out, int64_t out_rs) {
     __m512 acc[R][C];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-    for (int64_t hh = 0; hh < h; ++hh) {
-      const float* brow = bt + hh * tp + s0;
+    for (int64_t i = 0; i < n; ++i) {
+      const float* brow = b + i * b_rs;
       __m512 bv[C];
       for (int c = 0; c < C; ++c) bv[c] = _mm512_loadu_ps(brow + 16 * c);
       for (int r = 0; r < R; ++r) {
-        const __m512 av = _mm512_set1_ps(a[r * h + hh]);
+        const __m512 av = _mm512_set1_ps(a[r * a_rs + i]);
         for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(av, bv[c], acc[r][c]);
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + r * tp + s0 + 16 * c, acc[r][c]);
+      for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + r * out_rs + 16 * c, acc[r][c]);
   }
 };
 
@@ -298,37 +299,16 @@ struct RowsTimesTBlock {
 void RowsTimesT(const float* a, int rows, const float* bt, int64_t tp, int64_t h, int64_t len, float* out) {
   for (int64_t s0 = 0; s0 < len; s0 += kLanes) {
     const int nb = static_cast<int>(std::min<int64_t>(4, (len - s0 + 15) / 16));
-    Dispatch<RowsTimesTBlock>(rows, nb, a, bt, tp, h, s0, out);
+    Dispatch<RowBlock>(rows, nb, a, h, bt + s0, tp, h, out + s0, tp);
   }
 }
-
-// out[r][h0 : h0 + 16C] = Σ_{s < len} w[r][s] · rows[s][h0 : h0 + 16C].
-template <int R, int C>
-struct WeightsTimesRowsBlock {
-  static void Run(const float* w, int64_t tp, const float* rows, int64_t h, int64_t len, int64_t h0, float* out) {
-    __m512 acc[R][C];
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-    for (int64_t s = 0; s < len; ++s) {
-      const float* row = rows + s * h + h0;
-      __m512 rv[C];
-      for (int c = 0; c < C; ++c) rv[c] = _mm512_loadu_ps(row + 16 * c);
-      for (int r = 0; r < R; ++r) {
-        const __m512 wv = _mm512_set1_ps(w[r * tp + s]);
-        for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(wv, rv[c], acc[r][c]);
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + r * h + h0 + 16 * c, acc[r][c]);
-  }
-};
 
 // out[r][:] = Σ_{s < len} w[r][s] · rows[s][:] for r < nrows (w stride tp, rows and out stride h).
 void WeightsTimesRows(const float* w, int nrows, int64_t tp, const float* rows, int64_t h, int64_t len,
                       float* out) {
   for (int64_t h0 = 0; h0 < h; h0 += 64) {
     const int cols = static_cast<int>(std::min<int64_t>(4, (h - h0) / 16));
-    Dispatch<WeightsTimesRowsBlock>(nrows, cols, w, tp, rows, h, len, h0, out);
+    Dispatch<RowBlock>(nrows, cols, w, tp, rows + h0, h, len, out + h0, h);
   }
 }
 
