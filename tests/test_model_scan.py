@@ -103,6 +103,21 @@ def test_one_layer_is_traced_once_whatever_the_depth():
     assert _trace_len(5, False) > _trace_len(2, False)
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_rope_tables_are_computed_once_per_pass(scan):
+    """The compiled forward+backward holds one cos and one sin op whatever the depth: without the barrier in
+    `rope_cos_sin`, XLA:CPU fused a recomputation into every layer's q and k RoPE (2 x layers of each)."""
+    ids, pos, mask = _batch()
+    graphdef, params, rest = train_step.split_model(build_model(CFG.replace(num_layers=4, scan_layers=scan)))
+
+    def loss(p):
+        return jnp.sum(train_step.merge_model(graphdef, p, rest)(ids, pos, mask)[0])
+
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    counts = hlo.count(" cosine("), hlo.count(" sine(")
+    assert counts == (1, 1), counts
+
+
 def test_decode_with_cache_equals_full_forward_under_scan():
     model = build_model(CFG, seed=1)
     ids, pos, mask = _batch()
