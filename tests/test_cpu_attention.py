@@ -63,6 +63,30 @@ def test_kernel_matches_a_float64_softmax_attention(kernel, b, k, g, h, s):
     assert _err(y, _reference(q, keys, values, allowed, scale)) <= TOL
 
 
+def test_kernel_on_a_cache_filled_from_the_front(kernel):
+    """A rollout's cache: each row allowed up to its own fill mark (1 slot, inside and at the end of a 64-slot
+    block, all of it) with holes before it (left padding); the kernel reads only up to the mark, and garbage
+    beyond it (NaN, as in never-written slots of a reused buffer) must not reach the output."""
+    b, k, g, h, s = 5, 2, 4, 64, 144
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((b, k, g, h)).astype(np.float32)
+    keys = rng.standard_normal((b, k, h, s)).astype(np.float32)
+    values = rng.standard_normal((b, k, s, h)).astype(np.float32)
+    marks = [1, 37, 64, 100, 144]
+    allowed = np.arange(s)[None, :] < np.asarray(marks)[:, None]
+    allowed[1:, :3] = False  # left padding
+    for row, mark in enumerate(marks):
+        keys[row, :, :, mark:] = np.nan
+        values[row, :, mark:] = np.nan
+    scale = h**-0.5
+    y = jax.jit(lambda *a: cpu_attention.decode_attention(*a, scale, attention.NEG_INF))(
+        q, keys, values, allowed
+    )
+    ref = _reference(q, np.nan_to_num(keys), np.nan_to_num(values), allowed, scale)
+    assert np.isfinite(np.asarray(y)).all()
+    assert _err(y, ref) <= TOL
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_cached_attention_uses_it_for_one_token(kernel, dtype):
     """`cached_attention` with one query token on one device runs the kernel (a custom call in the program) and
