@@ -57,3 +57,42 @@ def _equations(jaxpr):
             inner = getattr(p, "jaxpr", None)
             if inner is not None:
                 yield from _equations(getattr(inner, "jaxpr", inner))
+
+
+@pytest.mark.parametrize("preset", ["tiny_qwen3", "tiny_qwen3_untied"])
+def test_unembedding_logits_are_f32_and_its_gradient_products_bf16(preset):
+    """The logits come out in float32 from bf16 operands, and the gradient's products read bf16 operands too
+    (the logits' cotangent rounded to bf16, as in every other product) — tied and untied heads."""
+    from atlas_jax.models import build_model
+    from atlas_jax.models.presets import get_preset
+    from atlas_jax.training import train_step
+
+    cfg = get_preset(preset).replace(num_layers=1, dtype="bfloat16", scan_layers=False)
+    graphdef, params, rest = train_step.split_model(build_model(cfg, seed=0))
+    h = jax.random.normal(jax.random.key(1), (2, 3, cfg.hidden_size))
+
+    def loss(p, h):
+        logits = train_step.merge_model(graphdef, p, rest).unembed(h)
+        assert logits.dtype == jnp.float32
+        return jax.nn.logsumexp(logits, -1).sum()
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(params, h)
+    dots = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+    assert len(dots) == 3, len(dots)
+    assert all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars), [
+        [v.aval.dtype for v in e.invars] for e in dots
+    ]
+    g_h = jax.grad(loss, argnums=1)(params, h)
+    want = jax.grad(
+        lambda h: jax.nn.logsumexp(
+            jnp.einsum(
+                "btd,vd->btv" if cfg.tie_word_embeddings else "btd,dv->btv",
+                h.astype(jnp.float32),
+                (params["embed/embedding"] if cfg.tie_word_embeddings else params["lm_head/kernel"])
+                .astype(jnp.bfloat16)
+                .astype(jnp.float32),
+            ),
+            -1,
+        ).sum()
+    )(h)
+    np.testing.assert_allclose(g_h, want, atol=2e-2 * float(jnp.abs(want).max()), rtol=0)

@@ -13,7 +13,15 @@ from atlas_jax.kernels.cpu_matmul import PackedWeight, columns, matmul
 from atlas_jax.models.attention import PAD_SEGMENT
 from atlas_jax.models.config import REMAT_POLICIES, ModelConfig
 from atlas_jax.models.kv_cache import KVCache
-from atlas_jax.models.layers import MLP, Attention, AttentionContext, RMSNorm, rope_cos_sin, rope_inv_freq
+from atlas_jax.models.layers import (
+    MLP,
+    Attention,
+    AttentionContext,
+    RMSNorm,
+    einsum,
+    rope_cos_sin,
+    rope_inv_freq,
+)
 from atlas_jax.models.sharding import LOGICAL_AXES_KEY, constrain, param
 
 _ACT_BTD = ("batch", "length", "act_embed")
@@ -235,7 +243,9 @@ class Decoder(nnx.Module):
                 spec = "btd,vd->btv"
         else:
             spec, w = "btd,dv->btv", self.lm_head.kernel.get_value()
-        return jnp.einsum(spec, hidden.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+        # `einsum`'s backward keeps the logits' cotangent in ``dtype`` (f32 accumulation), as for every other
+        # product; JAX's own transpose of an f32-accumulating product ran both gradient products in f32.
+        return einsum(spec, hidden, w, dtype, jnp.float32)
 
     def __call__(
         self,

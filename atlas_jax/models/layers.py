@@ -26,8 +26,9 @@ from atlas_jax.models.sharding import param
 _init_kernel = nnx.initializers.normal(stddev=0.02)
 
 
-def einsum(spec: str, a: Array, b: Array, dtype: jnp.dtype) -> Array:
-    """``einsum(spec, a, b)`` with both operands cast to ``dtype``, accumulated in f32, result cast to ``dtype``.
+def einsum(spec: str, a: Array, b: Array, dtype: jnp.dtype, out_dtype: jnp.dtype | None = None) -> Array:
+    """``einsum(spec, a, b)`` with both operands cast to ``dtype``, accumulated in f32, result cast to
+    ``out_dtype`` (default ``dtype``; float32 for the logits).
 
     The backward pass is the same kind of product: ``∂a = einsum(out,b->a)(ct, b)`` and ``∂b = einsum(a,out->b)
     (a, ct)`` with the cotangent ``ct`` in ``dtype`` and f32 accumulation, each cast to its operand's dtype.
@@ -37,9 +38,10 @@ def einsum(spec: str, a: Array, b: Array, dtype: jnp.dtype) -> Array:
     A `cpu_matmul.PackedWeight` ``b`` (the sampler's rollout copy on an AVX-512 CPU) goes to the packed
     kernel instead (forward only); ``spec`` must then contract ``a``'s trailing axes with ``b``'s leading ones.
     """
+    out = jnp.dtype(out_dtype or dtype)
     if isinstance(b, cpu_matmul.PackedWeight):
-        return _packed_einsum(spec, a, b).astype(dtype)
-    return _mixed_einsum(spec, jnp.dtype(dtype), jnp.dtype(a.dtype), jnp.dtype(b.dtype))(a, b)
+        return _packed_einsum(spec, a, b).astype(out)
+    return _mixed_einsum(spec, jnp.dtype(dtype), jnp.dtype(a.dtype), jnp.dtype(b.dtype), out)(a, b)
 
 
 def _packed_einsum(spec: str, a: Array, b: cpu_matmul.PackedWeight) -> Array:
@@ -68,20 +70,20 @@ _KERNEL_OUT = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 @functools.cache
-def _mixed_einsum(spec: str, dtype: jnp.dtype, a_dtype: jnp.dtype, b_dtype: jnp.dtype):
+def _mixed_einsum(spec: str, dtype: jnp.dtype, a_dtype: jnp.dtype, b_dtype: jnp.dtype, out_dtype: jnp.dtype):
     """``f(a, b)`` of `einsum` for one spec and dtypes, with the backward pass above as its custom VJP."""
     ins, out = spec.split("->")
     sa, sb = ins.split(",")
     if not (set(sa) <= set(out) | set(sb) and set(sb) <= set(out) | set(sa)):
-        return lambda a, b: _dot(spec, a.astype(dtype), b.astype(dtype), dtype)  # no einsum transpose
+        return lambda a, b: _dot(spec, a.astype(dtype), b.astype(dtype), out_dtype)  # no einsum transpose
 
     @jax.custom_vjp
     def f(a, b):
-        return _dot(spec, a.astype(dtype), b.astype(dtype), dtype)
+        return _dot(spec, a.astype(dtype), b.astype(dtype), out_dtype)
 
     def fwd(a, b):
         a, b = a.astype(dtype), b.astype(dtype)
-        return _dot(spec, a, b, dtype), (a, b)
+        return _dot(spec, a, b, out_dtype), (a, b)
 
     def bwd(res, ct):
         a, b = res
